@@ -1,0 +1,270 @@
+"""Per-optimizer glue for the benchmark runner.
+
+A *builder* turns a :class:`~benchmarks.problems.Problem` and a dict of hyperparameters into a
+:class:`Runner`: ``init(params) -> opt_state`` and a pure, jittable
+``step(params, opt_state, batch, rng) -> (params, opt_state, loss)`` where ``batch = (x, y)``
+and ``loss`` is the minibatch loss at the incoming ``params``. The runner jits ``step`` itself.
+
+Adding a method is one short function::
+
+    @register("tnt")
+    def _tnt(problem, hp):
+        tx = _call(_kfqn_factory("tnt"), hp)
+        def step(params, opt_state, batch, rng):
+            x, y = batch
+            out = _capture(problem, params, x, y, rng, sampled="grads")
+            updates, opt_state = tx.update(
+                out.grads, opt_state, params, sampled_grads=out.sampled_grads
+            )
+            return optax.apply_updates(params, updates), opt_state, out.loss
+        return Runner(tx.init, step, hp)  # hp: what was passed (``_call`` drops the rest)
+
+A builder raises :class:`Unavailable` when the method cannot run here (not written yet, an
+optional package missing); the runner reports that in its table instead of skipping silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "Runner",
+    "Unavailable",
+    "BUILDERS",
+    "KFQN_METHODS",
+    "KNOWN",
+    "register",
+    "build",
+    "default_hparams",
+]
+
+# Public factory names of kfqn_jax that the benchmarks know about (see DESIGN.md).
+KFQN_METHODS = (
+    "kfac",
+    "kbfgs",
+    "kbfgs_l",
+    "tnt",
+    "shampoo",
+    "smw_ng",
+    "smw_gn",
+    "hessian_free",
+    "block_hessian_free",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    """``init(params) -> opt_state``; ``step(params, opt_state, (x, y), rng)`` ->
+    ``(params, opt_state, loss)``; ``hparams``: what was actually passed to the factory;
+    ``ignored``: requested hyperparameters the factory does not take (filled by :func:`build`).
+    """
+
+    init: Callable[[Any], Any]
+    step: Callable[[Any, Any, Any, Any], tuple[Any, Any, Any]]
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ignored: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Unavailable(Exception):
+    """The optimizer cannot run in this environment. ``status`` goes into the results."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+BUILDERS: dict[str, Callable[[Any, dict], Runner]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def default_hparams(problem, name: str) -> dict[str, Any]:
+    """The problem's paper settings for ``name`` (without the ``source`` note)."""
+    hp = dict(problem.paper_settings.get(name, {}))
+    hp.pop("source", None)
+    return hp
+
+
+def build(name: str, problem, overrides: dict[str, Any] | None = None) -> Runner:
+    """Builds the runner for ``name``; raises :class:`Unavailable` with a status string."""
+    if name not in BUILDERS:
+        if name in KFQN_METHODS:
+            _kfqn_factory(name)  # raises "not implemented" if the factory is missing
+            raise Unavailable(
+                "not implemented",
+                f"kfqn_jax.{name} exists but benchmarks/optimizers.py has no builder for it yet",
+            )
+        raise Unavailable("unknown", f"no optimizer called {name!r}; known: {sorted(KNOWN)}")
+    hp = default_hparams(problem, name)
+    hp.update(overrides or {})
+    requested = dict(hp)
+    runner = BUILDERS[name](problem, hp)
+    ignored = {k: v for k, v in requested.items() if k not in runner.hparams}
+    return dataclasses.replace(runner, ignored=ignored)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by builders.
+
+
+def _apply(problem, params, x):
+    return problem.model.apply({"params": params}, x)
+
+
+def _loss_fn(problem):
+    def loss_fn(params, x, y):
+        return problem.loss(_apply(problem, params, x), problem.targets_of(x, y))
+
+    return loss_fn
+
+
+def _call(factory: Callable, hp: dict[str, Any]):
+    """Calls ``factory`` with the hyperparameters it accepts; returns the transformation.
+
+    Keys the factory does not take are dropped from ``hp`` (in place) so that the results
+    record exactly what was used.
+    """
+    params = inspect.signature(factory).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in list(hp):
+        if not takes_kwargs and key not in params:
+            hp.pop(key)
+    return factory(**hp)
+
+
+def _kfqn_factory(name: str):
+    try:
+        import kfqn_jax
+    except ImportError as e:
+        raise Unavailable("not implemented", f"import kfqn_jax failed: {e}") from e
+    if not hasattr(kfqn_jax, name):
+        raise Unavailable("not implemented", f"kfqn_jax.{name} does not exist yet")
+    return getattr(kfqn_jax, name)
+
+
+def _capture(problem, params, x, y, rng, **kwargs):
+    """Loss, grads and layer statistics through ``kfqn_jax.flax`` (one forward)."""
+    from kfqn_jax import flax as kfx
+
+    return kfx.value_grads_and_stats(
+        problem.model,
+        params,
+        x,
+        targets=problem.targets_of(x, y),
+        loss=problem.loss,
+        rng=rng,
+        **kwargs,
+    )
+
+
+def _first_order(problem, tx) -> Runner:
+    loss_fn = _loss_fn(problem)
+
+    def step(params, opt_state, batch, rng):
+        del rng
+        x, y = batch
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return Runner(tx.init, step)
+
+
+# ----------------------------------------------------------------------------------------------
+# optax baselines.
+
+
+@register("adam")
+def _adam(problem, hp):
+    tx = _call(optax.adam, hp)
+    return dataclasses.replace(_first_order(problem, tx), hparams=hp)
+
+
+@register("sgd")
+def _sgd(problem, hp):
+    tx = _call(optax.sgd, hp)
+    return dataclasses.replace(_first_order(problem, tx), hparams=hp)
+
+
+def _authors_adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-4):
+    """Adam as coded in the K-BFGS/TNT repos (ALGORITHMS.md 6), benchmarks only.
+
+    ``m`` is an EMA of the gradient; the second moment is an EMA of the *bias-corrected
+    momentum squared* (not of ``g**2``); ``p = -m_hat / (eps + sqrt(v_hat))``.
+    """
+
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return (jnp.zeros([], jnp.int32), zeros, zeros)
+
+    def update(grads, state, params=None):
+        del params
+        count, m, v = state
+        count = optax.safe_increment(count)
+        t = count.astype(jnp.float32)
+        m = jax.tree.map(lambda m_, g: b1 * m_ + (1 - b1) * g, m, grads)
+        m_hat = jax.tree.map(lambda m_: m_ / (1 - b1**t), m)
+        v = jax.tree.map(lambda v_, mh: b2 * v_ + (1 - b2) * mh * mh, v, m_hat)
+        upd = jax.tree.map(
+            lambda mh, v_: -learning_rate * mh / (eps + jnp.sqrt(v_ / (1 - b2**t))), m_hat, v
+        )
+        return upd, (count, m, v)
+
+    return optax.GradientTransformation(init, update)
+
+
+@register("adam_authors")
+def _adam_authors(problem, hp):
+    hp = {"learning_rate": 1e-4, "b2": 0.999, "eps": 1e-4, **hp}
+    tx = _call(_authors_adam, hp)
+    return dataclasses.replace(_first_order(problem, tx), hparams=hp)
+
+
+# ----------------------------------------------------------------------------------------------
+# kfqn_jax methods.
+
+
+@register("kfac")
+def _kfac(problem, hp):
+    tx = _call(_kfqn_factory("kfac"), hp)
+
+    def step(params, opt_state, batch, rng):
+        x, y = batch
+        out = _capture(problem, params, x, y, rng, sampled="cotangents")
+        updates, opt_state = tx.update(out.grads, opt_state, params, layer_stats=out.stats)
+        return optax.apply_updates(params, updates), opt_state, out.loss
+
+    return Runner(tx.init, step, hp)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepMind's kfac-jax, side by side (optional).
+
+
+@register("kfac_jax")
+def _kfac_jax(problem, hp):
+    if importlib.util.find_spec("kfac_jax") is None:
+        raise Unavailable("unavailable", "kfac_jax is not installed (pip install kfac-jax)")
+    # TODO: adapter. kfac_jax.Optimizer stages itself (do not jit its step), needs the loss
+    # registered with kfac_jax.register_sigmoid_cross_entropy_loss & co. inside the loss
+    # function, and keeps its own state; the runner's jitted (params, state, batch, rng)
+    # contract would need a non-jitted path for it.
+    raise Unavailable("unavailable", "kfac_jax is installed but its benchmark adapter is a TODO")
+
+
+KNOWN = tuple(sorted(set(BUILDERS) | set(KFQN_METHODS)))

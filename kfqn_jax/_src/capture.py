@@ -1,0 +1,120 @@
+"""One forward, one or two VJPs: loss, gradients and per-layer statistics.
+
+The framework-specific parts (linen interceptors, NNX class patches) provide a forward function
+``fwd(params, probes) -> (outputs, raw)`` whose ``probes`` are zeros added to every captured
+layer's output. Here the VJP of the loss with respect to ``(params, probes)`` gives the
+gradient and each layer's output cotangent ``g``; a second cotangent, for targets sampled from
+the model's predictive distribution, reuses the same forward (no second forward pass).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kfqn_jax._src import losses as losses_lib
+from kfqn_jax._src.base import LayerMeta, LayerStats
+
+SAMPLED_MODES = (None, "cotangents", "grads", "both")
+
+
+class Captured(NamedTuple):
+    """What :func:`kfqn_jax.flax.value_grads_and_stats` returns.
+
+    Attributes:
+      loss: the batch-mean training loss (scalar).
+      aux: dict with ``outputs`` (the model outputs) and ``mutated`` (updated mutable
+        collections, e.g. ``batch_stats``; NNX: the updated non-parameter state).
+      grads: gradient of ``loss`` w.r.t. the parameters (same tree as the parameters).
+      stats: ``dict[str, LayerStats]``, one entry per captured layer, in call order.
+      sampled_grads: gradient of the loss on sampled targets (``sampled`` in
+        ``("grads", "both")``), else ``None``.
+      sampled_targets: the sampled targets, or ``None``.
+    """
+
+    loss: jax.Array
+    aux: dict
+    grads: Any
+    stats: dict
+    sampled_grads: Any = None
+    sampled_targets: Any = None
+
+
+def check_sampled(sampled: Any) -> None:
+    if sampled not in SAMPLED_MODES:
+        raise ValueError(
+            f"sampled must be one of {SAMPLED_MODES}, got {sampled!r}: 'cotangents' adds the "
+            "sampled-label output cotangents to the statistics (KFAC true Fisher), 'grads' "
+            "returns the sampled-label parameter gradient (TNT), 'both' does both."
+        )
+
+
+def _concat_calls(arrs: list, reshape) -> jax.Array:
+    arrs = [reshape(x) for x in arrs]
+    return arrs[0] if len(arrs) == 1 else jnp.concatenate(arrs, axis=1)
+
+
+def assemble_stats(
+    metas: dict, raw: dict, out_fns: dict, g_probes: Any, g_probes_s: Any, probe_get
+) -> dict[str, LayerStats]:
+    """Builds ``LayerStats`` per layer from the recorded inputs/outputs and probe cotangents."""
+    stats = {}
+    for path, meta in metas.items():
+        per_call = raw[path]
+        fns = out_fns[path]
+        a_list = [a for a, _ in per_call]
+        if meta.kind == "embed":
+            a = a_list[0] if len(a_list) == 1 else jnp.concatenate(a_list, axis=1)
+        else:
+            a = a_list[0] if len(a_list) == 1 else jnp.concatenate(a_list, axis=1)
+        g = jnp.concatenate(
+            [fns[i](probe_get(g_probes, path, i)) for i in range(len(per_call))], axis=1
+        )
+        gs = None
+        if g_probes_s is not None:
+            gs = jnp.concatenate(
+                [fns[i](probe_get(g_probes_s, path, i)) for i in range(len(per_call))], axis=1
+            )
+        h = None
+        if per_call[0][1] is not None:
+            h = jnp.concatenate([fns[i](per_call[i][1]) for i in range(len(per_call))], axis=1)
+        stats[meta.name] = LayerStats(a=a, g=g, g_sampled=gs, h=h, meta=meta)
+    return stats
+
+
+def check_kernel_shapes(metas: dict, params: Any, get_leaf) -> None:
+    for meta in metas.values():
+        leaf = get_leaf(params, meta.kernel_path)
+        if leaf is None:
+            raise ValueError(
+                f"Captured layer {meta.name!r} has no parameter at {meta.kernel_path}; pass the "
+                "parameter tree the model was applied with."
+            )
+        if tuple(np.shape(leaf)) != tuple(meta.kernel_shape):
+            raise ValueError(
+                f"Layer {meta.name!r}: parameter {meta.kernel_path} has shape "
+                f"{tuple(np.shape(leaf))} but one call of the layer uses {meta.kernel_shape}. "
+                "This happens for layers stacked by nn.scan/nn.vmap (a leading layer axis); "
+                "their statistics are not supported: unroll the layers, or use "
+                "kfqn_jax.tnt/shampoo, which need no capture."
+            )
+
+
+def loss_and_cotangents(
+    loss: losses_lib.Loss, outputs: Any, targets: Any, rng: Any, sampled: Any
+) -> tuple[jax.Array, Any, Any, Any]:
+    """Loss value, its cotangent w.r.t. outputs, and the sampled-label cotangent (or None)."""
+    value, cot = jax.value_and_grad(lambda o: loss(o, targets))(outputs)
+    cot_s = sampled_targets = None
+    if sampled is not None:
+        if rng is None:
+            raise ValueError(
+                f"sampled={sampled!r} needs `rng` (a jax.random key) to sample targets from "
+                "the model's predictive distribution."
+            )
+        sampled_targets = loss.sample(rng, outputs)
+        cot_s = jax.grad(lambda o: loss(o, sampled_targets))(outputs)
+    return value, cot, cot_s, sampled_targets

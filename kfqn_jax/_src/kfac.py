@@ -1,0 +1,455 @@
+"""KFAC: Kronecker-factored approximate curvature (Martens & Grosse 2015; Grosse & Martens 2016).
+
+For a Dense or Conv layer with homogeneous inputs ``ã = [a, 1]`` and output cotangents ``g``,
+the Fisher block of the layer is approximated by ``A ⊗ G`` with
+
+.. math::
+
+    A = \\frac{1}{B} \\sum_{b,t} ã_{bt} ã_{bt}^T, \\qquad
+    G = \\frac{1}{B |T|} \\sum_{b,t} (B g_{bt}) (B g_{bt})^T,
+
+where ``B`` is the batch size, ``T`` the positions (conv output locations, sequence steps; one
+for an MLP layer) and ``B g`` the per-example gradient with respect to the pre-activation. This
+is the KFC convention for convolutions (sum over positions in ``A``, mean in ``G``). The
+preconditioned gradient of the homogeneous weight ``M = [∇W; ∇b]`` (Flax layout, inputs on the
+rows) is ``(A + λ_A I)^{-1} M (G + λ_G I)^{-1}`` with factored Tikhonov damping
+``λ_A = π √λ``, ``λ_G = √λ / π``, ``π = sqrt((tr A / d_A) / (tr G / d_G))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from kfqn_jax._src import base, linalg
+from kfqn_jax._src import layers as layers_lib
+from kfqn_jax._src.base import LayerMeta, LayerStats
+
+KINDS = ("dense", "conv")
+
+
+class ScaleByKFACState(NamedTuple):
+    """State of :func:`scale_by_kfac`.
+
+    Attributes:
+      count: number of steps taken (int32).
+      stats_count: number of statistics updates folded into the factors (int32), including
+        warm-start batches.
+      a_factors: per block, the EMA of ``A`` (``(d_in (+1))^2``), in block order.
+      g_factors: per block, the EMA of ``G`` (``d_out^2``).
+      a_inverses: per block, ``(A + λ_A I)^{-1}`` from the last refresh.
+      g_inverses: per block, ``(G + λ_G I)^{-1}`` from the last refresh.
+      momentum: per block, the momentum buffer of the homogeneous gradient, or ``()``.
+      fallback_state: state of the transform applied to parameters outside any block.
+    """
+
+    count: jax.Array
+    stats_count: jax.Array
+    a_factors: tuple
+    g_factors: tuple
+    a_inverses: tuple
+    g_inverses: tuple
+    momentum: tuple
+    fallback_state: Any
+
+
+def _leaf_index(tree: Any) -> tuple[list, dict, Any]:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    paths = base.tree_paths(tree)
+    return leaves, {p: i for i, p in enumerate(paths)}, treedef
+
+
+def match_stats(method: str, metas: Sequence[LayerMeta], layer_stats: Any) -> list[LayerStats]:
+    """The statistics of each block, matched by kernel path, with shape checks."""
+    if not isinstance(layer_stats, dict):
+        raise TypeError(
+            f"{method}: layer_stats must be the dict returned in Captured.stats, got "
+            f"{type(layer_stats).__name__}."
+        )
+    by_path = {}
+    for s in layer_stats.values():
+        by_path[tuple(s.meta.kernel_path)] = s
+        by_path[("params",) + tuple(s.meta.kernel_path)] = s
+    out = []
+    for m in metas:
+        s = by_path.get(tuple(m.kernel_path))
+        if s is None:
+            raise ValueError(
+                f"{method}: no statistics for layer {m.name!r} (parameter {m.kernel_path}). Its "
+                "kernel has curvature state but the capture did not see the layer: is it a "
+                "Flax Dense/DenseGeneral/Conv (linen) or Linear/Conv (NNX) called in the "
+                "forward pass? Pass layers=kfqn_jax.flax.layer_metas(model, params, x) to the "
+                "optimizer to precondition exactly the captured layers."
+            )
+        if (s.meta.in_features, s.meta.out_features, s.meta.has_bias) != (
+            m.in_features,
+            m.out_features,
+            m.has_bias,
+        ):
+            raise ValueError(
+                f"{method}: layer {m.name!r}: the optimizer state was built for a "
+                f"{m.in_features}x{m.out_features} kernel matrix (bias={m.has_bias}) guessed "
+                f"from the parameter shapes, but the captured layer is "
+                f"{s.meta.in_features}x{s.meta.out_features} (bias={s.meta.has_bias}). Pass "
+                "layers=kfqn_jax.flax.layer_metas(model, params, x) to the optimizer."
+            )
+        out.append(s)
+    return out
+
+
+def factor_stats(stats: LayerStats, fisher: str, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """``A`` and ``G`` of one batch (see the module docstring)."""
+    b = stats.a.shape[0]
+    t = stats.a.shape[1]
+    a = layers_lib.inputs_matrix(stats).astype(dtype)
+    g = stats.g_sampled if fisher == "true" else stats.g
+    g = g.astype(dtype)
+    # 2-D matmuls (one contracting axis) so that every backend uses its GEMM kernel.
+    a2 = a.reshape(-1, a.shape[-1])
+    g2 = g.reshape(-1, g.shape[-1])
+    a_f = (a2.T @ a2) / b
+    g_f = (g2.T @ g2) * (b / t)
+    return a_f, g_f
+
+
+def _group_by_size(mats: Sequence[jax.Array]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, m in enumerate(mats):
+        groups.setdefault(m.shape[-1], []).append(i)
+    return groups
+
+
+def batched_damped_inverses(
+    mats: Sequence[jax.Array], dampings: Sequence[jax.Array], batch: bool | None = None
+) -> list:
+    """Damped Cholesky inverses, stacking matrices of equal size into one batched call.
+
+    ``batch=None`` batches on accelerators only: on the CPU backend, batched LAPACK calls inside
+    a ``lax.cond`` were seen to deadlock XLA's CPU runtime (jax 0.10), and batching buys
+    nothing there.
+    """
+    if batch is None:
+        batch = jax.default_backend() != "cpu"
+    if not batch:
+        return [
+            linalg.damped_cholesky_inverse(m, jnp.asarray(d, m.dtype))
+            for m, d in zip(mats, dampings, strict=True)
+        ]
+    out: list = [None] * len(mats)
+    for _, idx in _group_by_size(mats).items():
+        stacked = jnp.stack([mats[i] for i in idx])
+        damp = jnp.stack([jnp.asarray(dampings[i], stacked.dtype) for i in idx])
+        inv = linalg.damped_cholesky_inverse(stacked, damp)
+        for j, i in enumerate(idx):
+            out[i] = inv[j]
+    return out
+
+
+def _factor_dampings(a_factors, g_factors, damping, use_pi: bool):
+    da, dg = [], []
+    for a, g in zip(a_factors, g_factors, strict=True):
+        if use_pi:
+            x, y = linalg.pi_damping(a, g, damping)
+        else:
+            x = y = jnp.sqrt(damping)
+        da.append(x)
+        dg.append(y)
+    return da, dg
+
+
+def scale_by_kfac(
+    damping: optax.ScalarOrSchedule = 1e-3,
+    *,
+    ema_decay: float = 0.95,
+    fisher: str = "true",
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    inverse_schedule: str = "all",
+    pi_damping: bool = True,
+    momentum: float = 0.9,
+    layers: Any = None,
+    fallback: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Preconditions Dense and Conv kernels with KFAC; no learning rate (see :func:`kfac`).
+
+    Args:
+      damping: Tikhonov damping ``λ`` (scalar or schedule of the step count), split between
+        the two factors (``pi_damping``) or ``√λ`` on each.
+      ema_decay: decay ``β`` of the factor moving averages. The weight of a new batch is
+        ``max(1 - β, 1 / (n + 1))`` after ``n`` earlier batches, so early factors are exact
+        running means rather than biased towards zero.
+      fisher: ``"true"`` (default): ``G`` from cotangents of targets sampled from the model
+        (capture with ``sampled="cotangents"``); ``"empirical"``: from the training targets'
+        cotangents (no extra backward pass).
+      stats_every: update the factors every this many steps (static int ``T_stats``).
+      inverse_every: refresh the damped inverses every this many steps (static int ``T_inv``),
+        and at every statistics update during the first ``T_inv`` steps.
+      inverse_schedule: ``"all"`` refreshes every block together (equal-size factors are
+        inverted in one batched call); ``"staggered"`` refreshes a share of the blocks at each
+        step, block ``i`` when ``(step + i) % T_inv == 0``, so that no single step pays for all
+        inversions.
+      pi_damping: factored damping with ``π`` (True) or ``√λ`` on each factor (False, as the
+        K-BFGS and TNT papers' KFAC baselines).
+      momentum: heavy-ball momentum ``μ`` on the gradient before preconditioning
+        (``m ← μ m + ∇``); 0 disables it.
+      layers: the blocks: ``None`` guesses them from the parameter names (every ``kernel`` of
+        rank >= 2 with its sibling ``bias``), or a sequence of :class:`LayerMeta` from
+        :func:`kfqn_jax.flax.layer_metas` (exact). Embeddings are not preconditioned.
+      fallback: transform for parameters outside any block (norm scales, embeddings, unknown
+        layers). Default: ``optax.trace(momentum)`` (plain momentum SGD), as the papers treat
+        BatchNorm parameters.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
+      ``layer_stats=captured.stats``. Pass ``warm_start=True`` to fold a batch into the factors
+      (arithmetic mean) without taking a step.
+    """
+    if fisher not in ("true", "empirical"):
+        raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}.")
+    if inverse_schedule not in ("all", "staggered"):
+        raise ValueError(
+            f"inverse_schedule must be 'all' or 'staggered', got {inverse_schedule!r}."
+        )
+    for name, v in (("stats_every", stats_every), ("inverse_every", inverse_every)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int (static), got {v!r}.")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+    if isinstance(damping, (int, float)) and not damping > 0:
+        raise ValueError(f"damping must be > 0, got {damping}.")
+    if fallback is None:
+        fallback = optax.trace(decay=momentum) if momentum > 0 else optax.identity()
+
+    def blocks(tree):
+        return layers_lib.resolve_layers(tree, layers, KINDS)
+
+    def fallback_mask(tree):
+        covered = set()
+        for m in blocks(tree):
+            for p in (m.kernel_path, m.bias_path):
+                if p is not None:
+                    covered.add(tuple(p))
+                    covered.add(("params",) + tuple(p))
+        flags = [p not in covered for p in base.tree_paths(tree)]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), flags)
+
+    masked_fallback = optax.masked(fallback, fallback_mask)
+
+    def init_fn(params):
+        metas = blocks(params)
+        dtype = base.as_float(jax.tree_util.tree_leaves(params)[0].dtype) if metas else jnp.float32
+        a_dims = [m.in_features + int(m.has_bias) for m in metas]
+        g_dims = [m.out_features for m in metas]
+        eye = lambda n: jnp.eye(n, dtype=dtype)  # noqa: E731
+        zeros = lambda n: jnp.zeros((n, n), dtype)  # noqa: E731
+        mom = ()
+        if momentum > 0:
+            mom = tuple(jnp.zeros((da, dg), dtype) for da, dg in zip(a_dims, g_dims, strict=True))
+        return ScaleByKFACState(
+            count=jnp.zeros([], jnp.int32),
+            stats_count=jnp.zeros([], jnp.int32),
+            a_factors=tuple(zeros(n) for n in a_dims),
+            g_factors=tuple(zeros(n) for n in g_dims),
+            a_inverses=tuple(eye(n) for n in a_dims),
+            g_inverses=tuple(eye(n) for n in g_dims),
+            momentum=mom,
+            fallback_state=masked_fallback.init(params),
+        )
+
+    def update_fn(updates, state, params=None, *, layer_stats=None, warm_start=False, **extra):
+        del extra
+        if layer_stats is None:
+            raise base.missing_extra_arg("kfac", base.LAYER_STATS, base.stats_fix_line())
+        metas = blocks(updates)
+        stats = match_stats("kfac", metas, layer_stats)
+        if fisher == "true":
+            for s in stats:
+                if s.g_sampled is None:
+                    raise ValueError(
+                        f"kfac(fisher='true') needs sampled-label cotangents for layer "
+                        f"{s.meta.name!r}: capture with sampled='cotangents' (and rng=...), or "
+                        "use fisher='empirical'."
+                    )
+        dtype = state.a_factors[0].dtype if metas else jnp.float32
+        count = state.count
+        damp = damping(count) if callable(damping) else damping
+        damp = jnp.asarray(damp, dtype)
+
+        def new_factors(operand):
+            a_old, g_old, n = operand
+            w = jnp.maximum(1.0 - ema_decay, 1.0 / (n.astype(dtype) + 1.0))
+            if warm_start:
+                w = 1.0 / (n.astype(dtype) + 1.0)
+            a_new, g_new = [], []
+            for s, ao, go in zip(stats, a_old, g_old, strict=True):
+                af, gf = factor_stats(s, fisher, dtype)
+                a_new.append((1 - w) * ao + w * af)
+                g_new.append((1 - w) * go + w * gf)
+            return tuple(a_new), tuple(g_new), n + 1
+
+        do_stats = (count % stats_every) == 0
+        if warm_start:
+            a_f, g_f, n_stats = new_factors((state.a_factors, state.g_factors, state.stats_count))
+            zero = jax.tree.map(jnp.zeros_like, updates)
+            return zero, state._replace(a_factors=a_f, g_factors=g_f, stats_count=n_stats)
+        operand = (state.a_factors, state.g_factors, state.stats_count)
+        if stats_every == 1:
+            a_f, g_f, n_stats = new_factors(operand)
+        else:
+            a_f, g_f, n_stats = lax.cond(do_stats, new_factors, lambda op: op, operand)
+
+        # Inverse refresh.
+        def refresh(idx: Sequence[int], a_facs, g_facs):
+            da, dg = _factor_dampings(a_facs, g_facs, damp, pi_damping)
+            invs = batched_damped_inverses(list(a_facs) + list(g_facs), da + dg)
+            return invs[: len(idx)], invs[len(idx) :]
+
+        def keep_finite(new, old):
+            ok = linalg.is_finite(new)
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        early = (count < inverse_every) & do_stats
+        a_inv, g_inv = list(state.a_inverses), list(state.g_inverses)
+        nb = len(metas)
+        if nb and inverse_schedule == "all" and jax.default_backend() != "cpu":
+            # One cond; equal-size factors inverted in one batched call.
+            do_inv = (count % inverse_every == 0) | early
+
+            def branch(ops):
+                new = refresh(range(nb), a_f, g_f)
+                return tuple(
+                    keep_finite((na, ng), (oa, og))
+                    for na, ng, oa, og in zip(*new, *ops, strict=True)
+                )
+
+            res = lax.cond(
+                do_inv,
+                branch,
+                lambda ops: tuple(zip(*ops, strict=True)),
+                (tuple(a_inv), tuple(g_inv)),
+            )
+            a_inv = [r[0] for r in res]
+            g_inv = [r[1] for r in res]
+        else:
+            # One cond per block, carrying only that block's matrices. On the CPU backend this
+            # is also used for the "all" schedule: a single cond holding every LAPACK call was
+            # seen to deadlock XLA's CPU runtime (jax 0.10) on a two-core machine.
+            for i in range(nb):
+                phase = i if inverse_schedule == "staggered" else 0
+                do_i = ((count + phase) % inverse_every == 0) | early | (count == 0)
+
+                def branch(ops, i=i):
+                    (na,), (ng,) = refresh([i], [ops[0]], [ops[1]])
+                    return keep_finite((na, ng), (ops[2], ops[3]))
+
+                a_inv[i], g_inv[i] = lax.cond(
+                    do_i, branch, lambda ops: (ops[2], ops[3]), (a_f[i], g_f[i], a_inv[i], g_inv[i])
+                )
+        a_inv, g_inv = tuple(a_inv), tuple(g_inv)
+
+        # Fallback for everything outside the blocks.
+        out, fb_state = masked_fallback.update(updates, state.fallback_state, params)
+        leaves, index, treedef = _leaf_index(out)
+        grad_leaves = jax.tree_util.tree_leaves(updates)
+        new_mom = []
+        for bi, m in enumerate(metas):
+            ki = base.match_path(tuple(m.kernel_path), index)
+            bi_idx = base.match_path(tuple(m.bias_path), index) if m.has_bias else None
+            kernel = grad_leaves[ki]
+            bias = grad_leaves[bi_idx] if bi_idx is not None else None
+            mat = layers_lib.homogeneous_grad(kernel, bias, m).astype(dtype)
+            if momentum > 0:
+                mat = momentum * state.momentum[bi] + mat
+                new_mom.append(mat)
+            pre = linalg.kron_mvp(a_inv[bi], g_inv[bi], mat)
+            w, b = layers_lib.split_homogeneous(pre, m)
+            leaves[ki] = w.astype(kernel.dtype)
+            if bi_idx is not None:
+                leaves[bi_idx] = b.astype(bias.dtype)
+        new_updates = jax.tree_util.tree_unflatten(treedef, leaves)
+        new_state = ScaleByKFACState(
+            count=optax.safe_increment(count),
+            stats_count=n_stats,
+            a_factors=a_f,
+            g_factors=g_f,
+            a_inverses=a_inv,
+            g_inverses=g_inv,
+            momentum=tuple(new_mom),
+            fallback_state=fb_state,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def kfac(
+    learning_rate: optax.ScalarOrSchedule,
+    damping: optax.ScalarOrSchedule = 1e-3,
+    *,
+    weight_decay: float = 0.0,
+    ema_decay: float = 0.95,
+    fisher: str = "true",
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    inverse_schedule: str = "all",
+    pi_damping: bool = True,
+    momentum: float = 0.9,
+    layers: Any = None,
+    fallback: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """KFAC with a learning rate: ``chain([add_decayed_weights], scale_by_kfac,
+    scale_by_learning_rate)``.
+
+    Update: ``θ ← θ − α (A + λ_A I)^{-1} (μ m + ∇L + τ θ) (G + λ_G I)^{-1}`` per layer, with
+    ``α = learning_rate``, ``λ = damping``, ``τ = weight_decay`` (an L2 term added to the
+    gradient before preconditioning, as in the papers) and the other symbols as in
+    :func:`scale_by_kfac`, whose keyword arguments are accepted here. The step-count
+    arguments (``stats_every``, ``inverse_every``) are static: list them in ``static_args``
+    of ``optax.inject_hyperparams``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+      >>> import kfqn_jax
+      >>> from kfqn_jax import flax as kfx
+      >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+      >>> x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 1])
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> tx = kfqn_jax.kfac(learning_rate=0.1, damping=1e-2)
+      >>> opt_state = tx.init(params)
+      >>> out = kfx.value_grads_and_stats(model, params, x, targets=y,
+      ...     loss="softmax_cross_entropy", rng=jax.random.key(1), sampled="cotangents")
+      >>> updates, opt_state = tx.update(out.grads, opt_state, params, layer_stats=out.stats)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored Approximate
+      Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
+      Grosse & Martens, `A Kronecker-factored approximate Fisher matrix for convolution
+      layers <https://arxiv.org/abs/1602.01407>`_, 2016.
+    """
+    parts = []
+    if weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(
+        scale_by_kfac(
+            damping,
+            ema_decay=ema_decay,
+            fisher=fisher,
+            stats_every=stats_every,
+            inverse_every=inverse_every,
+            inverse_schedule=inverse_schedule,
+            pi_damping=pi_damping,
+            momentum=momentum,
+            layers=layers,
+            fallback=fallback,
+        )
+    )
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)

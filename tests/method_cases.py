@@ -1,0 +1,110 @@
+"""The registry of methods for the invariant matrix (tests/test_common.py).
+
+Every method of kfqn_jax adds one ``MethodCase`` here. A case says how to build the transform
+(with a learning rate, so that it is a complete optimizer), which extra args it requires, and
+how to produce them on the shared tiny problem (``Ctx``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import kfqn_jax
+from kfqn_jax import flax as kfx
+
+
+class TinyMLP(nn.Module):
+    """6 -> 8 -> 3 MLP with a bias-free middle layer."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8)(x)
+        x = nn.tanh(x)
+        x = nn.Dense(5, use_bias=False)(x)
+        x = nn.relu(x)
+        return nn.Dense(3)(x)
+
+
+@dataclasses.dataclass
+class Ctx:
+    """The tiny problem every method is run on: softmax cross-entropy on 3 classes."""
+
+    dtype: Any = jnp.float32
+    batch: int = 8
+
+    def __post_init__(self):
+        self.model = TinyMLP()
+        k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+        self.x = jax.random.normal(k1, (self.batch, 6), self.dtype)
+        self.y = jax.random.randint(k2, (self.batch,), 0, 3)
+        params = self.model.init(k3, jnp.zeros((1, 6), jnp.float32))["params"]
+        self.params = jax.tree.map(lambda p: p.astype(self.dtype), params)
+        self.loss = kfqn_jax.losses.softmax_cross_entropy()
+        self.rng = jax.random.key(1)
+
+    def loss_fn(self, params):
+        return self.loss(self.model.apply({"params": params}, self.x), self.y)
+
+    def capture(self, params, sampled="both", with_outputs=True):
+        return kfx.value_grads_and_stats(
+            self.model,
+            params,
+            self.x,
+            targets=self.y,
+            loss=self.loss,
+            rng=self.rng,
+            sampled=sampled,
+            with_outputs=with_outputs,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodCase:
+    """How to run one method in the invariant matrix.
+
+    Attributes:
+      name: public factory name.
+      factory: the public factory (``kfqn_jax.kfac``), called as ``factory(**kwargs)``.
+      kwargs: arguments giving a complete optimizer (learning rate included).
+      required: names of the extra args ``update`` cannot do without.
+      extra_args: ``(ctx, params) -> dict`` of the extra args for the current params.
+      static_args: numeric arguments that fix the state's structure or Python control flow
+        (periods, memory sizes, momentum on/off); ``inject_hyperparams`` must keep them static.
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    kwargs: dict
+    required: tuple[str, ...]
+    extra_args: Callable[[Ctx, Any], dict]
+    static_args: tuple[str, ...] = ()
+
+
+def _kfac_args(ctx: Ctx, params: Any) -> dict:
+    return {"layer_stats": ctx.capture(params, sampled="cotangents").stats}
+
+
+CASES: list[MethodCase] = [
+    MethodCase(
+        name="kfac",
+        factory=kfqn_jax.kfac,
+        kwargs=dict(learning_rate=0.1, damping=0.1, inverse_every=2),
+        required=("layer_stats",),
+        extra_args=_kfac_args,
+        static_args=(
+            "stats_every",
+            "inverse_every",
+            "momentum",
+            "ema_decay",
+            "pi_damping",
+            "weight_decay",
+        ),
+    ),
+    # Other methods append their MethodCase below (one block per method).
+]
