@@ -125,6 +125,10 @@ class LayerStats:
       g_sampled: the same cotangent for targets sampled from the model's predictive
         distribution (true Fisher), or ``None`` when not requested.
       h: the layer's output (pre-activation), ``(B, T, d_out)``, or ``None``.
+      g_exact: cotangents of the columns of the loss Hessian's square root,
+        ``(c, B, T, d_out)`` for ``c`` model outputs, so that
+        ``sum_k g_exact[k]^T g_exact[k]`` is the exact expectation of the sampled-label
+        statistic (exact Fisher/GGN factors), or ``None``.
       meta: static :class:`LayerMeta`.
     """
 
@@ -132,6 +136,7 @@ class LayerStats:
     g: Array
     g_sampled: Array | None = None
     h: Array | None = None
+    g_exact: Array | None = None
     meta: LayerMeta = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property

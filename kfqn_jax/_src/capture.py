@@ -85,6 +85,31 @@ def assemble_stats(
     return stats
 
 
+def exact_cotangents(loss: losses_lib.Loss, outputs: jax.Array) -> jax.Array:
+    """Cotangents ``(c, *outputs.shape)`` of the mean loss for the ``c`` columns of the
+    per-example Hessian square root: their outer products sum to the exact expectation of the
+    sampled-label outer product (the exact Fisher for these losses)."""
+    sqrt_h = loss.hessian_sqrt(jax.lax.stop_gradient(outputs))  # (..., c, c)
+    n = 1
+    for d in outputs.shape[:-1]:
+        n *= d
+    return jnp.moveaxis(sqrt_h, -1, 0) / n
+
+
+def exact_stats(stats: dict, metas: dict, out_fns: dict, g_probes_e: Any, probe_get) -> dict:
+    """Adds ``g_exact`` (leading axis over Hessian-root columns) to assembled stats."""
+    import dataclasses
+
+    out = dict(stats)
+    for path, meta in metas.items():
+        fns = out_fns[path]
+        per = []
+        for i in range(meta.num_calls):
+            per.append(jax.vmap(lambda gp, i=i: fns[i](probe_get(gp, path, i)))(g_probes_e))
+        out[meta.name] = dataclasses.replace(out[meta.name], g_exact=jnp.concatenate(per, axis=2))
+    return out
+
+
 def check_kernel_shapes(metas: dict, params: Any, get_leaf) -> None:
     for meta in metas.values():
         leaf = get_leaf(params, meta.kernel_path)

@@ -210,6 +210,7 @@ def value_grads_and_stats(
     rng: Any = None,
     sampled: str | None = None,
     with_outputs: bool = False,
+    exact_fisher: bool = False,
     extra_variables: Any = None,
     mutable: Any = (),
     method: Any = None,
@@ -231,6 +232,9 @@ def value_grads_and_stats(
       loss: a :class:`kfqn_jax.losses.Loss` (or its name) applied to the model outputs.
       rng: a ``jax.random`` key, needed when ``sampled`` is set.
       sampled: ``None``, ``"cotangents"`` (KFAC), ``"grads"`` (TNT) or ``"both"``.
+      exact_fisher: also return ``g_exact``: cotangents for the columns of the loss
+        Hessian's square root (one VJP per model output, batched with ``vmap``; for models
+        with few outputs). KFAC with ``fisher="exact"`` uses them.
       with_outputs: also record every layer's output (pre-activation) ``h`` (K-BFGS).
       extra_variables: other collections passed to ``apply`` (e.g. ``batch_stats``).
       mutable: collections that ``apply`` may update; they come back in ``aux["mutated"]``.
@@ -280,6 +284,9 @@ def value_grads_and_stats(
         if sampled == "cotangents":
             sampled_grads = None
     stats = cap.assemble_stats(metas, raw, out_fns, g_probes, g_probes_s, _probe_get)
+    if exact_fisher:
+        _, g_probes_e = jax.vmap(vjp_fn)(cap.exact_cotangents(loss, outputs))
+        stats = cap.exact_stats(stats, metas, out_fns, g_probes_e, _probe_get)
     aux = {"outputs": outputs, "mutated": mutated}
     return cap.Captured(value, aux, grads, stats, sampled_grads, sampled_targets)
 

@@ -173,6 +173,7 @@ def nnx_value_grads_and_stats(
     rng: Any = None,
     sampled: str | None = None,
     with_outputs: bool = False,
+    exact_fisher: bool = False,
     wrt: Any = nnx.Param,
     call: Any = None,
 ) -> cap.Captured:
@@ -189,6 +190,9 @@ def nnx_value_grads_and_stats(
       loss: a :class:`kfqn_jax.losses.Loss` or its name.
       rng: a ``jax.random`` key, needed when ``sampled`` is set.
       sampled: ``None``, ``"cotangents"``, ``"grads"`` or ``"both"`` (see the linen version).
+      exact_fisher: also return ``g_exact``: cotangents for the columns of the loss
+        Hessian's square root (one VJP per model output, batched with ``vmap``; for models
+        with few outputs). KFAC with ``fisher="exact"`` uses them.
       with_outputs: also record layer outputs ``h``.
       wrt: the variable filter differentiated (default ``nnx.Param``), as in ``nnx.Optimizer``.
       call: optional ``call(model, *inputs) -> outputs`` for models not called directly.
@@ -229,6 +233,9 @@ def nnx_value_grads_and_stats(
         if sampled == "cotangents":
             sampled_grads = None
     stats = cap.assemble_stats(metas, raw, out_fns, g_probes, g_probes_s, _probe_get)
+    if exact_fisher:
+        _, g_probes_e = jax.vmap(vjp_fn)(cap.exact_cotangents(loss, outputs))
+        stats = cap.exact_stats(stats, metas, out_fns, g_probes_e, _probe_get)
     nnx.update(model, new_rest)
     aux = {"outputs": outputs, "mutated": new_rest}
     return cap.Captured(value, aux, grads, stats, sampled_grads, sampled_targets)

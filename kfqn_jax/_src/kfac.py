@@ -107,11 +107,11 @@ def factor_stats(stats: LayerStats, fisher: str, dtype: Any) -> tuple[jax.Array,
     b = stats.a.shape[0]
     t = stats.a.shape[1]
     a = layers_lib.inputs_matrix(stats).astype(dtype)
-    g = stats.g_sampled if fisher == "true" else stats.g
+    g = {"true": stats.g_sampled, "empirical": stats.g, "exact": stats.g_exact}[fisher]
     g = g.astype(dtype)
     # 2-D matmuls (one contracting axis) so that every backend uses its GEMM kernel.
     a2 = a.reshape(-1, a.shape[-1])
-    g2 = g.reshape(-1, g.shape[-1])
+    g2 = g.reshape(-1, g.shape[-1])  # "exact": the Hessian-root columns are summed over too
     a_f = (a2.T @ a2) / b
     g_f = (g2.T @ g2) * (b / t)
     return a_f, g_f
@@ -185,7 +185,11 @@ def scale_by_kfac(
         running means rather than biased towards zero.
       fisher: ``"true"`` (default): ``G`` from cotangents of targets sampled from the model
         (capture with ``sampled="cotangents"``); ``"empirical"``: from the training targets'
-        cotangents (no extra backward pass).
+        cotangents (no extra backward pass); ``"exact"``: the expectation over the predictive
+        distribution, from the loss Hessian's square-root columns (capture with
+        ``exact_fisher=True``; one backward pass per model output, for small outputs). For
+        these losses the Fisher equals the generalised Gauss-Newton matrix, so ``"exact"``
+        gives KFAC's GGN factors.
       stats_every: update the factors every this many steps (static int ``T_stats``).
       inverse_every: refresh the damped inverses every this many steps (static int ``T_inv``),
         and at every statistics update during the first ``T_inv`` steps.
@@ -209,8 +213,8 @@ def scale_by_kfac(
       ``layer_stats=captured.stats``. Pass ``warm_start=True`` to fold a batch into the factors
       (arithmetic mean) without taking a step.
     """
-    if fisher not in ("true", "empirical"):
-        raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}.")
+    if fisher not in ("true", "empirical", "exact"):
+        raise ValueError(f"fisher must be 'true', 'empirical' or 'exact', got {fisher!r}.")
     if inverse_schedule not in ("all", "staggered"):
         raise ValueError(
             f"inverse_schedule must be 'all' or 'staggered', got {inverse_schedule!r}."
@@ -269,14 +273,18 @@ def scale_by_kfac(
             raise base.missing_extra_arg("kfac", base.LAYER_STATS, base.stats_fix_line())
         metas = blocks(updates)
         stats = match_stats("kfac", metas, layer_stats)
-        if fisher == "true":
-            for s in stats:
-                if s.g_sampled is None:
-                    raise ValueError(
-                        f"kfac(fisher='true') needs sampled-label cotangents for layer "
-                        f"{s.meta.name!r}: capture with sampled='cotangents' (and rng=...), or "
-                        "use fisher='empirical'."
-                    )
+        for s in stats:
+            if fisher == "true" and s.g_sampled is None:
+                raise ValueError(
+                    f"kfac(fisher='true') needs sampled-label cotangents for layer "
+                    f"{s.meta.name!r}: capture with sampled='cotangents' (and rng=...), or "
+                    "use fisher='empirical'."
+                )
+            if fisher == "exact" and s.g_exact is None:
+                raise ValueError(
+                    f"kfac(fisher='exact') needs g_exact for layer {s.meta.name!r}: capture "
+                    "with exact_fisher=True."
+                )
         dtype = state.a_factors[0].dtype if metas else jnp.float32
         count = state.count
         damp = damping(count) if callable(damping) else damping

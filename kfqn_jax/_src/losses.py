@@ -58,6 +58,14 @@ class Loss:
         """
         raise NotImplementedError
 
+    def hessian_sqrt(self, outputs: Array) -> Array:
+        """Per-example ``L`` with ``L L^T`` the Hessian w.r.t. the outputs, ``(..., c, c)``.
+
+        The base implementation uses a (clipped) eigendecomposition of :meth:`hessian`.
+        """
+        w, v = jnp.linalg.eigh(self.hessian(outputs))
+        return v * jnp.sqrt(jnp.maximum(w, 0.0))[..., None, :]
+
     def hessian(self, outputs: Array) -> Array:
         """Per-example Hessian w.r.t. the outputs, shape ``outputs.shape + (c,)``."""
         c = outputs.shape[-1]
@@ -98,6 +106,13 @@ class SoftmaxCrossEntropy(Loss):
         pv = jnp.sum(p * v, axis=-1, keepdims=True)
         return p * v - p * pv
 
+    def hessian_sqrt(self, outputs):
+        # (diag(sqrt p) - p sqrt(p)^T)(...)^T = diag(p) - p p^T because sum(p) = 1.
+        p = jax.nn.softmax(outputs, axis=-1)
+        sp = jnp.sqrt(p)
+        c = outputs.shape[-1]
+        return sp[..., :, None] * jnp.eye(c, dtype=p.dtype) - p[..., :, None] * sp[..., None, :]
+
 
 @dataclasses.dataclass(frozen=True)
 class SigmoidCrossEntropy(Loss):
@@ -123,6 +138,11 @@ class SigmoidCrossEntropy(Loss):
     def hvp(self, outputs, v):
         p = jax.nn.sigmoid(outputs)
         return p * (1 - p) * v
+
+    def hessian_sqrt(self, outputs):
+        p = jax.nn.sigmoid(outputs)
+        c = outputs.shape[-1]
+        return jnp.sqrt(p * (1 - p))[..., :, None] * jnp.eye(c, dtype=outputs.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +172,11 @@ class SquaredError(Loss):
 
     def hvp(self, outputs, v):
         return v / self.variance
+
+    def hessian_sqrt(self, outputs):
+        c = outputs.shape[-1]
+        eye = jnp.eye(c, dtype=outputs.dtype) / jnp.sqrt(jnp.asarray(self.variance, outputs.dtype))
+        return jnp.broadcast_to(eye, outputs.shape + (c,))
 
 
 def softmax_cross_entropy() -> SoftmaxCrossEntropy:
