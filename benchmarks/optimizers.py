@@ -246,10 +246,72 @@ def _kfac(problem, hp):
     def step(params, opt_state, batch, rng):
         x, y = batch
         out = _capture(problem, params, x, y, rng, sampled="cotangents")
-        updates, opt_state = tx.update(out.grads, opt_state, params, layer_stats=out.stats)
+        # stats_fn: the sampled-label backward runs only on statistics steps.
+        updates, opt_state = tx.update(out.grads, opt_state, params, layer_stats=out.stats_fn)
         return optax.apply_updates(params, updates), opt_state, out.loss
 
     return Runner(tx.init, step, hp)
+
+
+def _kbfgs_builder(name):
+    def builder(problem, hp):
+        tx = _call(_kfqn_factory(name), hp)
+
+        def step(params, opt_state, batch, rng):
+            del rng
+            from kfqn_jax import flax as kfx
+
+            x, y = batch
+            targets = problem.targets_of(x, y)
+            out = _capture(problem, params, x, y, None, with_outputs=True)
+            updates, opt_state = tx.update(
+                out.grads,
+                opt_state,
+                params,
+                layer_stats=out.stats,
+                stats_fn=lambda p: kfx.layer_stats(
+                    problem.model, p, x, targets=targets, loss=problem.loss
+                ),
+            )
+            return optax.apply_updates(params, updates), opt_state, out.loss
+
+        return Runner(tx.init, step, hp)
+
+    return builder
+
+
+register("kbfgs")(_kbfgs_builder("kbfgs"))
+register("kbfgs_l")(_kbfgs_builder("kbfgs_l"))
+
+
+@register("tnt")
+def _tnt(problem, hp):
+    import kfqn_jax
+
+    tx = _call(_kfqn_factory("tnt"), hp)
+
+    def step(params, opt_state, batch, rng):
+        x, y = batch
+        # One forward; the sampled-label backward runs lazily, only on statistics steps.
+        loss, grads, sampled = kfqn_jax.value_and_sampled_grad(
+            lambda p, x: _apply(problem, p, x),
+            params,
+            x,
+            targets=problem.targets_of(x, y),
+            loss=problem.loss,
+            rng=rng,
+            lazy=True,
+        )
+        updates, opt_state = tx.update(grads, opt_state, params, sampled_grads=sampled)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return Runner(tx.init, step, hp)
+
+
+@register("shampoo")
+def _shampoo(problem, hp):
+    tx = _call(_kfqn_factory("shampoo"), hp)
+    return dataclasses.replace(_first_order(problem, tx), hparams=hp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,3 +330,63 @@ def _kfac_jax(problem, hp):
 
 
 KNOWN = tuple(sorted(set(BUILDERS) | set(KFQN_METHODS)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hessian-free and block-diagonal Hessian-free.
+
+
+def _lstm_gate_blocks(path, shape):
+    """BDHF blocks for ``flax.linen.LSTMCell`` layers: per gate, its input and hidden weights
+    together (``ii`` + ``hi`` ...); every other module is its own block."""
+    del shape
+    if str(path[0]).startswith("LSTMCell") and len(path) >= 3:
+        return (path[0], str(path[1])[1])
+    return tuple(path[:-1])
+
+
+_NAMED_BLOCKS = {"lstm_gates": _lstm_gate_blocks}
+
+
+def _hessian_free_builder(name: str):
+    def builder(problem, hp):
+        # Curvature batch: the first ``curvature_fraction`` of the gradient batch (Martens
+        # cycles one of several chunks; 1/4 here, our choice).
+        frac = float(hp.pop("curvature_fraction", 0.25))
+        call_hp = dict(hp)
+        if isinstance(call_hp.get("blocks"), str) and call_hp["blocks"] in _NAMED_BLOCKS:
+            call_hp["blocks"] = _NAMED_BLOCKS[call_hp["blocks"]]
+        tx = _call(_kfqn_factory(name), call_hp)
+        for key in list(hp):
+            if key not in call_hp:
+                hp.pop(key)
+        hp["curvature_fraction"] = frac
+
+        def step(params, opt_state, batch, rng):
+            del rng
+            x, y = batch
+            targets = problem.targets_of(x, y)
+
+            def loss_fn(p):
+                return problem.loss(_apply(problem, p, x), targets)
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            n_curv = max(1, int(round(x.shape[0] * frac)))
+            x_curv = x[:n_curv]
+            updates, opt_state = tx.update(
+                grads,
+                opt_state,
+                params,
+                model_fn=lambda p: _apply(problem, p, x_curv),
+                output_loss=problem.loss,
+                loss_fn=loss_fn,
+            )
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        return Runner(tx.init, step, hp)
+
+    return builder
+
+
+register("hessian_free")(_hessian_free_builder("hessian_free"))
+register("block_hessian_free")(_hessian_free_builder("block_hessian_free"))

@@ -424,3 +424,102 @@ def make_problem(name: str, quick: bool = False, data_dir=None) -> Problem:
     if name not in PROBLEMS:
         raise ValueError(f"Unknown problem {name!r}; choose from {sorted(PROBLEMS)}.")
     return PROBLEMS[name](quick=quick, data_dir=data_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Character-level LSTM (block-diagonal HF, ALGORITHMS.md 5: "multilayer LSTMs").
+
+# Fixed list of standard-library modules whose sources form the corpus (present wherever
+# Python is installed; read through os.path.dirname(os.__file__)).
+_CHAR_CORPUS = (
+    "argparse.py",
+    "textwrap.py",
+    "difflib.py",
+    "functools.py",
+    "string.py",
+    "shutil.py",
+    "pathlib.py",
+    "dataclasses.py",
+)
+
+
+class CharLSTM(nn.Module):
+    """Byte embedding -> ``layers`` LSTM layers (``flax.linen.LSTMCell`` under ``nn.RNN``) ->
+    Dense logits over the 256 byte values. Inputs are byte ids (any dtype; cast to int)."""
+
+    hidden: int = 64
+    embed: int = 32
+    layers: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Embed(256, self.embed)(x.astype(jnp.int32))
+        for _ in range(self.layers):
+            h = nn.RNN(nn.LSTMCell(self.hidden))(h)
+        return nn.Dense(256)(h)
+
+
+def char_corpus() -> bytes:
+    """The concatenated sources of :data:`_CHAR_CORPUS` (bytes)."""
+    import os
+
+    root = os.path.dirname(os.__file__)
+    parts = []
+    for name in _CHAR_CORPUS:
+        with open(os.path.join(root, name), "rb") as f:
+            parts.append(f.read())
+    return b"\n".join(parts)
+
+
+def char_lstm(quick: bool = False, data_dir=None) -> Problem:
+    """2-layer LSTM (64 units, byte embedding 32) predicting the next byte of Python sources.
+
+    Non-overlapping windows of 33 bytes: inputs are the first 32, targets the last 32
+    (softmax cross-entropy, mean over positions). The last 10% of windows are the test set.
+    Quick: 4000 training windows. Not a paper problem (the BDHF paper's LSTM data and sizes are
+    not public, ALGORITHMS.md 5); a CPU-sized stand-in.
+    """
+    del data_dir
+    seq = 32
+    data = np.frombuffer(char_corpus(), np.uint8)
+    n = len(data) // (seq + 1)
+    windows = data[: n * (seq + 1)].reshape(n, seq + 1).astype(np.int64)
+    perm = np.random.default_rng(0).permutation(n)
+    windows = windows[perm]
+    n_test = n // 10
+    train, test = windows[n_test:], windows[:n_test]
+    if quick:
+        train, test = train[:4000], test[:500]
+    settings = {
+        "adam": {"learning_rate": 3e-3, "source": "optax.adam, lr 3e-3 (common char-LSTM value)"},
+        "sgd": dict(_SGD),
+        "hessian_free": {
+            "damping": 1.0,
+            "max_cg_iters": 50,
+            "source": "Martens 2010 machinery (ALGORITHMS.md 5), CG cap 50 for CPU budget",
+        },
+        "block_hessian_free": {
+            "damping": 1.0,
+            "max_cg_iters": 50,
+            "blocks": "lstm_gates",
+            "source": "ALGORITHMS.md 5 (gate blocks); BDHF constants [NF], ours",
+        },
+    }
+    return Problem(
+        name="char_lstm",
+        model=CharLSTM(),
+        loss=losses.softmax_cross_entropy(),
+        x_train=train[:, :-1].astype(np.float32),
+        y_train=train[:, 1:],
+        x_test=test[:, :-1].astype(np.float32),
+        y_test=test[:, 1:],
+        targets_of=_labels,
+        batch_size=1000 if not quick else 500,
+        paper_settings=settings,
+        task="classification",
+        data_source="CPython standard library sources: " + ", ".join(_CHAR_CORPUS),
+        notes="Byte ids are stored as float32 inputs (the runner casts x); the model casts back.",
+    )
+
+
+PROBLEMS["char_lstm"] = char_lstm

@@ -107,4 +107,78 @@ CASES: list[MethodCase] = [
         ),
     ),
     # Other methods append their MethodCase below (one block per method).
+    *(
+        MethodCase(
+            name=_name,
+            factory=getattr(kfqn_jax, _name),
+            kwargs=dict(learning_rate=0.1, damping=0.3, memory_size=4)
+            if _name == "kbfgs_l"
+            else dict(learning_rate=0.1, damping=0.3),
+            required=("layer_stats", "stats_fn"),
+            extra_args=lambda ctx, params: {
+                "layer_stats": ctx.capture(params, sampled=None, with_outputs=True).stats,
+                "stats_fn": lambda p: kfx.layer_stats(
+                    ctx.model, p, ctx.x, targets=ctx.y, loss=ctx.loss
+                ),
+            },
+            static_args=(
+                "memory_size",
+                "inverse_every",
+                "momentum",
+                "ema_decay",
+                "pair_decay",
+                "powell_mu",
+                "skip_eps",
+                "weight_decay",
+            ),
+        )
+        for _name in ("kbfgs", "kbfgs_l")
+    ),
+    *(
+        MethodCase(
+            name=_name,
+            factory=getattr(kfqn_jax, _name),
+            kwargs=dict(learning_rate=1.0, damping=0.1, max_cg_iters=10),
+            required=("model_fn", "output_loss", "loss_fn"),
+            extra_args=lambda ctx, params: {
+                "model_fn": lambda p: ctx.model.apply({"params": p}, ctx.x),
+                "output_loss": ctx.loss,
+                "loss_fn": ctx.loss_fn,
+            },
+            static_args=("max_cg_iters",),
+        )
+        for _name in ("hessian_free", "block_hessian_free")
+    ),
+    MethodCase(
+        name="tnt",
+        factory=kfqn_jax.tnt,
+        kwargs=dict(learning_rate=0.05, damping=0.1, stats_every=1, inverse_every=2),
+        required=("sampled_grads",),
+        extra_args=lambda ctx, params: {
+            "sampled_grads": kfqn_jax.value_and_sampled_grad(
+                lambda p, x: ctx.model.apply({"params": p}, x),
+                params,
+                ctx.x,
+                targets=ctx.y,
+                loss=ctx.loss,
+                rng=ctx.rng,
+            )[2]
+        },
+        static_args=("stats_every", "inverse_every", "momentum", "max_dim"),
+    ),
+    MethodCase(
+        name="shampoo",
+        factory=kfqn_jax.shampoo,
+        kwargs=dict(learning_rate=0.05, damping=1e-3, inverse_every=2),
+        required=(),
+        extra_args=lambda ctx, params: {},
+        static_args=(
+            "stats_every",
+            "inverse_every",
+            "momentum",
+            "max_dim",
+            "root_order",
+            "newton_iters",
+        ),
+    ),
 ]

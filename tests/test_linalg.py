@@ -633,3 +633,12 @@ def test_inverse_pth_root_under_vmap_equals_batched(x64, method):
     assert bool(jnp.all(jnp.isnan(vmapped[1])))
     for i in (0, 2):
         assert _rel_err(vmapped[i], _np_inv_root(mats[i], 2, 1e-3)) < 1e-10
+
+
+@pytest.mark.parametrize("d", [5, 300, 700])
+def test_gram_equals_plain_product_and_is_symmetric(d):
+    x = np.random.default_rng(d).standard_normal((40, d))
+    with jax.enable_x64(True):
+        g = np.asarray(linalg.gram(jnp.asarray(x), block=128))
+    np.testing.assert_allclose(g, x.T @ x, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(g, g.T)

@@ -72,7 +72,7 @@ def _dot(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def _safe_div(num: jax.Array, den: jax.Array, default: float) -> jax.Array:
-    ok = den > 0
+    ok = den != 0
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), default)
 
 
@@ -98,9 +98,7 @@ def bfgs_inverse_update(h: jax.Array, s: jax.Array, y: jax.Array) -> jax.Array:
     rho = _safe_div(jnp.ones_like(sy), sy, 0.0)
     yhy = _dot(y, hy)
     new = (
-        h
-        + (rho * rho * yhy + rho) * jnp.outer(s, s)
-        - rho * (jnp.outer(hy, s) + jnp.outer(s, hy))
+        h + (rho * rho * yhy + rho) * jnp.outer(s, s) - rho * (jnp.outer(hy, s) + jnp.outer(s, hy))
     )
     return linalg.symmetrize(new)
 

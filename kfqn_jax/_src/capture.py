@@ -33,6 +33,11 @@ class Captured(NamedTuple):
       sampled_grads: gradient of the loss on sampled targets (``sampled`` in
         ``("grads", "both")``), else ``None``.
       sampled_targets: the sampled targets, or ``None``.
+      stats_fn: a zero-argument function returning ``stats`` with the sampled-label
+        cotangents, computing the second VJP only when called. Pass it as
+        ``layer_stats=out.stats_fn`` to a method that refreshes its statistics every few steps
+        (``stats_every > 1``): the method calls it inside its ``lax.cond``, so the
+        sampled-label backward pass runs only on statistics steps.
     """
 
     loss: jax.Array
@@ -41,6 +46,7 @@ class Captured(NamedTuple):
     stats: dict
     sampled_grads: Any = None
     sampled_targets: Any = None
+    stats_fn: Any = None
 
 
 def check_sampled(sampled: Any) -> None:
@@ -52,35 +58,56 @@ def check_sampled(sampled: Any) -> None:
         )
 
 
-def _concat_calls(arrs: list, reshape) -> jax.Array:
-    arrs = [reshape(x) for x in arrs]
-    return arrs[0] if len(arrs) == 1 else jnp.concatenate(arrs, axis=1)
+def _btd_like(a: jax.Array, h: jax.Array) -> jax.Array:
+    """Reshapes a layer output or its cotangent to ``(B, T, d_out)`` matching the input rows
+    ``a`` (``(B, T, d_in)``, or ``(B, T)`` ids for embeddings).
+
+    Every captured layer maps each row of ``a`` to one output row, and its output keeps the
+    (flattened) batch and position axes in the order ``a`` has them, so one reshape fits all
+    kinds: several batch axes of a convolution, unbatched inputs, ``DenseGeneral`` axes.
+    """
+    return h.reshape(a.shape[0], a.shape[1], -1)
+
+
+def _check_rows(meta: LayerMeta, a: Any) -> None:
+    want = 2 if meta.kind == "embed" else 3
+    if a is None or np.ndim(a) != want:
+        raise ValueError(
+            f"Layer {meta.name!r}: its captured inputs have shape {np.shape(a)}, not the "
+            f"{want}-d rows of one call. This happens for layers run under a lifted transform "
+            "(nn.scan, nn.vmap) that stacks the capture's collections. Statistics of scanned or "
+            "vmapped layers are not supported: unroll the layers (a Python loop), or use "
+            "kfqn_jax.tnt/shampoo, which need no capture."
+        )
 
 
 def assemble_stats(
-    metas: dict, raw: dict, out_fns: dict, g_probes: Any, g_probes_s: Any, probe_get
+    metas: dict, raw: dict, g_probes: Any, g_probes_s: Any, probe_get
 ) -> dict[str, LayerStats]:
-    """Builds ``LayerStats`` per layer from the recorded inputs/outputs and probe cotangents."""
+    """Builds ``LayerStats`` per layer from the recorded inputs/outputs and probe cotangents.
+
+    ``raw[path]`` lists one ``(a, h)`` per call of the layer (``h`` is ``None`` unless outputs
+    were recorded); the calls of a shared layer are concatenated along the position axis.
+    """
     stats = {}
     for path, meta in metas.items():
         per_call = raw[path]
-        fns = out_fns[path]
+        for a, _ in per_call:
+            _check_rows(meta, a)
+
+        def cat(get, per_call=per_call):
+            parts = [_btd_like(a, get(i)) for i, (a, _) in enumerate(per_call)]
+            return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
         a_list = [a for a, _ in per_call]
-        if meta.kind == "embed":
-            a = a_list[0] if len(a_list) == 1 else jnp.concatenate(a_list, axis=1)
-        else:
-            a = a_list[0] if len(a_list) == 1 else jnp.concatenate(a_list, axis=1)
-        g = jnp.concatenate(
-            [fns[i](probe_get(g_probes, path, i)) for i in range(len(per_call))], axis=1
-        )
+        a = a_list[0] if len(a_list) == 1 else jnp.concatenate(a_list, axis=1)
+        g = cat(lambda i, path=path: probe_get(g_probes, path, i))
         gs = None
         if g_probes_s is not None:
-            gs = jnp.concatenate(
-                [fns[i](probe_get(g_probes_s, path, i)) for i in range(len(per_call))], axis=1
-            )
+            gs = cat(lambda i, path=path: probe_get(g_probes_s, path, i))
         h = None
         if per_call[0][1] is not None:
-            h = jnp.concatenate([fns[i](per_call[i][1]) for i in range(len(per_call))], axis=1)
+            h = cat(lambda i, per_call=per_call: per_call[i][1])
         stats[meta.name] = LayerStats(a=a, g=g, g_sampled=gs, h=h, meta=meta)
     return stats
 
@@ -96,17 +123,21 @@ def exact_cotangents(loss: losses_lib.Loss, outputs: jax.Array) -> jax.Array:
     return jnp.moveaxis(sqrt_h, -1, 0) / n
 
 
-def exact_stats(stats: dict, metas: dict, out_fns: dict, g_probes_e: Any, probe_get) -> dict:
+def exact_stats(stats: dict, metas: dict, raw: dict, g_probes_e: Any, probe_get) -> dict:
     """Adds ``g_exact`` (leading axis over Hessian-root columns) to assembled stats."""
     import dataclasses
 
     out = dict(stats)
     for path, meta in metas.items():
-        fns = out_fns[path]
         per = []
-        for i in range(meta.num_calls):
-            per.append(jax.vmap(lambda gp, i=i: fns[i](probe_get(gp, path, i)))(g_probes_e))
-        out[meta.name] = dataclasses.replace(out[meta.name], g_exact=jnp.concatenate(per, axis=2))
+        for i, (a, _) in enumerate(raw[path]):
+            per.append(
+                jax.vmap(lambda gp, i=i, a=a, path=path: _btd_like(a, probe_get(gp, path, i)))(
+                    g_probes_e
+                )
+            )
+        g_exact = per[0] if len(per) == 1 else jnp.concatenate(per, axis=2)
+        out[meta.name] = dataclasses.replace(out[meta.name], g_exact=g_exact)
     return out
 
 

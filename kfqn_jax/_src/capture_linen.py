@@ -37,12 +37,17 @@ class _Recorder:
 
 
 def _dense_general_axes(mod: nn.DenseGeneral, ndim: int) -> tuple[int, ...]:
+    """The contracted input axes, sorted: Flax orders the kernel's input axes by input axis,
+    whatever the order of ``axis`` (``axis=(-1, -2)`` gives the same kernel as ``(-2, -1)``)."""
     axis = mod.axis if isinstance(mod.axis, (tuple, list)) else (mod.axis,)
-    return tuple(int(a) % ndim for a in axis)
+    return tuple(sorted(int(a) % ndim for a in axis))
 
 
-def _prepare(mod: nn.Module, x: Any, path: tuple[str, ...]) -> tuple[Any, LayerMeta, Any]:
-    """Layer input in ``(B, T, d_in)`` form, the static meta, and an output reshaper."""
+def _prepare(mod: nn.Module, x: Any, path: tuple[str, ...]) -> tuple[Any, LayerMeta]:
+    """Layer input in ``(B, T, d_in)`` form (``(B, T)`` ids for ``Embed``) and the static meta.
+
+    The layer output is reshaped to ``(B, T, d_out)`` to match (``capture._btd_like``).
+    """
     name = "/".join(path)
     if isinstance(mod, nn.Embed):
         ids = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
@@ -54,7 +59,7 @@ def _prepare(mod: nn.Module, x: Any, path: tuple[str, ...]) -> tuple[Any, LayerM
             kernel_shape=(mod.num_embeddings, mod.features),
             n_in_axes=1,
         )
-        return ids, meta, layers_lib.to_btd
+        return ids, meta
     if isinstance(mod, nn.Conv):
         a, meta = layers_lib.conv_inputs(
             x,
@@ -69,7 +74,7 @@ def _prepare(mod: nn.Module, x: Any, path: tuple[str, ...]) -> tuple[Any, LayerM
             features=mod.features,
             use_bias=mod.use_bias,
         )
-        return a, meta, layers_lib.to_btd
+        return a, meta
     if isinstance(mod, nn.DenseGeneral):
         if mod.batch_dims:
             raise ValueError(
@@ -77,6 +82,9 @@ def _prepare(mod: nn.Module, x: Any, path: tuple[str, ...]) -> tuple[Any, LayerM
                 "batch index and is not supported by the capture; use kfqn_jax.tnt."
             )
         axes = _dense_general_axes(mod, x.ndim)
+        if len(axes) == x.ndim:  # an unbatched input
+            x = x[None]
+            axes = tuple(a + 1 for a in axes)
         if 0 in axes:
             raise ValueError(f"{name}: DenseGeneral contracting the batch axis is not supported.")
         features = mod.features if isinstance(mod.features, (tuple, list)) else (mod.features,)
@@ -93,12 +101,7 @@ def _prepare(mod: nn.Module, x: Any, path: tuple[str, ...]) -> tuple[Any, LayerM
             kernel_shape=in_shape + tuple(int(f) for f in features),
             n_in_axes=len(in_shape),
         )
-        d_out = int(np.prod(features))
-
-        def out_fn(h):
-            return h.reshape(h.shape[0], -1, d_out)
-
-        return a, meta, out_fn
+        return a, meta
     # nn.Dense
     meta = LayerMeta(
         name=name,
@@ -108,7 +111,7 @@ def _prepare(mod: nn.Module, x: Any, path: tuple[str, ...]) -> tuple[Any, LayerM
         kernel_shape=(x.shape[-1], mod.features),
         n_in_axes=1,
     )
-    return layers_lib.to_btd(x), meta, layers_lib.to_btd
+    return layers_lib.to_btd(x), meta
 
 
 def make_interceptor(rec: _Recorder):
@@ -121,9 +124,9 @@ def make_interceptor(rec: _Recorder):
         path = tuple(mod.scope.path)
         x = args[0] if args else kwargs.get("inputs")
         out = next_fun(*args, **kwargs)
-        idx = len(rec.calls.setdefault(path, []))
-        a, meta, out_fn = _prepare(mod, x, path)
-        rec.calls[path].append(out_fn)
+        idx = rec.calls.get(path, 0)
+        a, meta = _prepare(mod, x, path)
+        rec.calls[path] = idx + 1
         prev = rec.metas.get(path)
         if prev is not None and prev.kernel_shape != meta.kernel_shape:
             raise ValueError(f"{meta.name}: calls with different kernel shapes.")
@@ -144,10 +147,29 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def linen_forward(model: nn.Module, with_outputs: bool, method: Any, apply_kwargs: dict):
-    """Builds ``fwd(variables, probes, *inputs) -> (outputs, (raw, mutated))`` and a recorder.
+_LIFTED_MSG = (
+    "Statistics of scanned or vmapped layers are not supported by kfqn_jax capture: unroll "
+    "the layers (a Python loop), or use kfqn_jax.tnt/shampoo, which need no capture."
+)
 
-    ``raw`` maps layer path to a list of per-call ``(a, h)`` tuples.
+
+def _as_mutable(mutable: Any) -> Any:
+    """``apply``'s ``mutable`` argument as a list of collections, or ``True`` for all."""
+    if mutable is True:
+        return True
+    if mutable is False or mutable is None:
+        return []
+    if isinstance(mutable, str):
+        return [mutable]
+    return list(mutable)
+
+
+def linen_forward(model: nn.Module, with_outputs: bool, method: Any, apply_kwargs: dict):
+    """Builds ``fwd(variables, probes, inputs, mutable) -> (outputs, (raw, mutated, probes))``
+    and a recorder.
+
+    ``raw`` maps layer path to a list of per-call ``(a, h)`` tuples. With ``probes=None`` the
+    probe collection is created (zeros shaped like the layer outputs) and returned.
     """
     rec = _Recorder(with_outputs=with_outputs)
 
@@ -157,30 +179,41 @@ def linen_forward(model: nn.Module, with_outputs: bool, method: Any, apply_kwarg
         variables = dict(variables)
         if probes is not None:
             variables[COL_PROBES] = probes
-        mut = [COL_INPUTS] + list(mutable)
-        if probes is None:
-            mut.append(COL_PROBES)
-        with nn.intercept_methods(make_interceptor(rec)):
-            out, mutated = model.apply(
-                variables, *inputs, mutable=mut, method=method, **apply_kwargs
-            )
+        mutable = _as_mutable(mutable)
+        if mutable is True:
+            mut = True
+        else:
+            mut = [COL_INPUTS] + mutable
+            if probes is None:
+                mut.append(COL_PROBES)
+        try:
+            with nn.intercept_methods(make_interceptor(rec)):
+                out, mutated = model.apply(
+                    variables, *inputs, mutable=mut, method=method, **apply_kwargs
+                )
+        except ValueError as e:
+            if COL_PROBES not in str(e):
+                raise
+            raise ValueError(
+                f"The capture's probes ({COL_PROBES!r}) did not reach a layer: it runs under a "
+                f"lifted transform (nn.scan, nn.vmap, ...) that lists the capture's collections "
+                f"in its variable_axes. {_LIFTED_MSG}"
+            ) from e
         mutated = dict(mutated)
         captured = mutated.pop(COL_INPUTS, {})
         new_probes = mutated.pop(COL_PROBES, None)
         raw = {}
-        for path, metas_calls in rec.calls.items():
+        for path, n_calls in rec.calls.items():
             node = _get(captured, path)
             meta = rec.metas[path]
             if node is None:
                 raise ValueError(
                     f"Layer {meta.name!r} ran, but its captured statistics did not come back: "
                     "it runs under a lifted transform (nn.scan, nn.vmap, nn.map_variables, ...) "
-                    "that drops unknown collections. Statistics of scanned or vmapped layers are "
-                    "not supported by kfqn_jax capture: unroll the layers (a Python loop), or "
-                    "use kfqn_jax.tnt/shampoo, which need no capture."
+                    f"that drops unknown collections. {_LIFTED_MSG}"
                 )
             per_call = []
-            for i in range(len(metas_calls)):
+            for i in range(n_calls):
                 a = node.get(f"a{i}")
                 h = node.get(f"h{i}") if with_outputs else None
                 per_call.append((a, h))
@@ -199,6 +232,18 @@ def _split_variables(params: Any, extra_variables: Any) -> tuple[Any, dict]:
     if "params" in extra:
         raise ValueError("Pass the parameters as `params`, not inside `extra_variables`.")
     return params, extra
+
+
+def _zero_probes(fwd, params: Any, extra: dict, inputs: tuple, mutable: Any) -> Any:
+    """Zero probes shaped like every captured layer output (no computation: ``eval_shape``)."""
+
+    def shapes_fn(p):
+        _, (_, _, probes) = fwd({"params": p, **extra}, None, inputs, mutable)
+        return probes
+
+    probe_shapes = jax.eval_shape(shapes_fn, params)
+    probes = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), probe_shapes)
+    return probes if probes is not None else {}
 
 
 def value_grads_and_stats(
@@ -251,18 +296,9 @@ def value_grads_and_stats(
     cap.check_sampled(sampled)
     loss = losses_lib.as_loss(loss)
     params, extra = _split_variables(params, extra_variables)
-    if isinstance(mutable, str):
-        mutable = [mutable]
-    mutable = list(mutable)
+    mutable = _as_mutable(mutable)
     fwd, rec = linen_forward(model, with_outputs, method, apply_kwargs)
-
-    def shapes_fn(p):
-        _, (_, _, probes) = fwd({"params": p, **extra}, None, inputs, mutable)
-        return probes
-
-    probe_shapes = jax.eval_shape(shapes_fn, params)
-    probes = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), probe_shapes)
-    probes = probes if probes is not None else {}
+    probes = _zero_probes(fwd, params, extra, inputs, mutable)
 
     def f(p, pr):
         out, (raw, mutated, _) = fwd({"params": p, **extra}, pr, inputs, mutable)
@@ -270,7 +306,6 @@ def value_grads_and_stats(
 
     outputs, vjp_fn, (raw, mutated) = jax.vjp(f, params, probes, has_aux=True)
     metas = dict(rec.metas)
-    out_fns = {k: list(v) for k, v in rec.calls.items()}
     cap.check_kernel_shapes(metas, params, _get)
     value, cot, cot_s, sampled_targets = cap.loss_and_cotangents(
         loss, outputs, targets, rng, sampled
@@ -283,12 +318,19 @@ def value_grads_and_stats(
             g_probes_s = None
         if sampled == "cotangents":
             sampled_grads = None
-    stats = cap.assemble_stats(metas, raw, out_fns, g_probes, g_probes_s, _probe_get)
+    stats = cap.assemble_stats(metas, raw, g_probes, g_probes_s, _probe_get)
     if exact_fisher:
         _, g_probes_e = jax.vmap(vjp_fn)(cap.exact_cotangents(loss, outputs))
-        stats = cap.exact_stats(stats, metas, out_fns, g_probes_e, _probe_get)
+        stats = cap.exact_stats(stats, metas, raw, g_probes_e, _probe_get)
+
+    def stats_fn():
+        if cot_s is None:
+            return stats
+        _, gps = vjp_fn(cot_s)
+        return cap.assemble_stats(metas, raw, g_probes, gps, _probe_get)
+
     aux = {"outputs": outputs, "mutated": mutated}
-    return cap.Captured(value, aux, grads, stats, sampled_grads, sampled_targets)
+    return cap.Captured(value, aux, grads, stats, sampled_grads, sampled_targets, stats_fn)
 
 
 def layer_stats(
@@ -299,38 +341,36 @@ def layer_stats(
     loss: Any,
     with_outputs: bool = True,
     extra_variables: Any = None,
+    mutable: Any = (),
     method: Any = None,
     **apply_kwargs: Any,
 ) -> dict:
     """Per-layer statistics only (no parameter gradient): one forward and a cotangent-only VJP.
 
     This is the trial-point pass of K-BFGS; its cost is a forward plus the backward through the
-    activations, without the weight-gradient products.
+    activations, without the weight-gradient products. ``mutable`` lets a model that updates
+    collections in training mode (``BatchNorm`` batch statistics) run; the updates are
+    discarded.
     """
     from kfqn_jax._src import capture as cap
     from kfqn_jax._src import losses as losses_lib
 
     loss = losses_lib.as_loss(loss)
     params, extra = _split_variables(params, extra_variables)
+    mutable = _as_mutable(mutable)
     fwd, rec = linen_forward(model, with_outputs, method, apply_kwargs)
-
-    def shapes_fn(p):
-        _, (_, _, probes) = fwd({"params": p, **extra}, None, inputs, [])
-        return probes
-
-    probe_shapes = jax.eval_shape(shapes_fn, params)
-    probes = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), probe_shapes)
+    probes = _zero_probes(fwd, params, extra, inputs, mutable)
 
     def f(pr):
-        out, (raw, _, _) = fwd({"params": params, **extra}, pr, inputs, [])
+        out, (raw, _, _) = fwd({"params": params, **extra}, pr, inputs, mutable)
         return out, raw
 
     outputs, vjp_fn, raw = jax.vjp(f, probes, has_aux=True)
     metas = dict(rec.metas)
-    out_fns = {k: list(v) for k, v in rec.calls.items()}
+    cap.check_kernel_shapes(metas, params, _get)
     _, cot, _, _ = cap.loss_and_cotangents(loss, outputs, targets, None, None)
     (g_probes,) = vjp_fn(cot)
-    return cap.assemble_stats(metas, raw, out_fns, g_probes, None, _probe_get)
+    return cap.assemble_stats(metas, raw, g_probes, None, _probe_get)
 
 
 def layer_metas(
@@ -338,12 +378,15 @@ def layer_metas(
     params: Any,
     *inputs: Any,
     extra_variables: Any = None,
+    mutable: Any = (),
     method: Any = None,
     **apply_kwargs: Any,
 ) -> tuple[LayerMeta, ...]:
     """Static descriptions of the layers the capture sees (traced with ``jax.eval_shape``, no
-    computation). Pass them as ``layers=`` to a method to make its curvature blocks exact."""
+    computation). Pass them as ``layers=`` to a method to make its curvature blocks exact.
+    ``mutable`` as in :func:`value_grads_and_stats` (needed by models with ``BatchNorm`` in
+    training mode)."""
     params, extra = _split_variables(params, extra_variables)
     fwd, rec = linen_forward(model, False, method, apply_kwargs)
-    jax.eval_shape(lambda p: fwd({"params": p, **extra}, None, inputs, [])[0], params)
+    jax.eval_shape(lambda p: fwd({"params": p, **extra}, None, inputs, mutable)[0], params)
     return tuple(rec.metas.values())

@@ -7,6 +7,12 @@ belong to the model being captured are affected. The model is split into paramet
 rest, and merged inside a pure function, so the VJP gives gradients and output cotangents
 together, as for linen.
 
+Layers that run inside an NNX or JAX transform within the model (``nnx.scan``, ``nnx.vmap``,
+``nnx.remat``, ``jax.checkpoint``, ...) are not supported and raise a ``ValueError`` (such
+transforms call copies of the modules at an inner trace level, whose statistics cannot leave the
+transform). A layer outside the model that runs at the capture's own trace level (e.g. a frozen
+module closed over by ``call``) is passed through and gets no statistics.
+
 Caveat: the class-level wrap is not thread-safe; do not trace two captures concurrently from
 different Python threads.
 """
@@ -17,6 +23,7 @@ import contextlib
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
@@ -66,6 +73,17 @@ def _prepare(mod: Any, x: Any, path: tuple[Any, ...]):
     return layers_lib.to_btd(x), meta
 
 
+_TRANSFORM_MSG = (
+    "{what} ran inside a JAX/NNX transform (nnx.scan, nnx.vmap, nnx.remat, jax.checkpoint, "
+    "...) within the model. Statistics of such layers are not supported: unroll them, or use "
+    "kfqn_jax.tnt/shampoo, which need no capture."
+)
+
+
+def _trace_state() -> Any:
+    return jax.extend.core.get_opaque_trace_state(convention="nnx")
+
+
 class _Recorder:
     def __init__(self, with_outputs: bool):
         self.with_outputs = with_outputs
@@ -74,6 +92,7 @@ class _Recorder:
         self.raw: dict = {}
         self.out_shapes: dict = {}
         self.probes: Any = None
+        self.trace: Any = None
 
     def reset(self, model: Any, probes: Any) -> None:
         self.paths = {
@@ -83,11 +102,21 @@ class _Recorder:
         }
         self.metas, self.raw, self.out_shapes = {}, {}, {}
         self.probes = probes
+        self.trace = _trace_state()
 
     def call(self, orig, mod, x, *args, **kwargs):
         out = orig(mod, x, *args, **kwargs)
         path = self.paths.get(id(mod))
-        if path is None:
+        if _trace_state() != self.trace:
+            # A transform inside the model calls the layer (NNX transforms call copies of the
+            # model's modules, so their ids are unknown here): its statistics would be lost.
+            what = (
+                f"Layer {'/'.join(str(p) for p in path)!r}"
+                if path
+                else (f"A {type(mod).__name__} layer")
+            )
+            raise ValueError(_TRANSFORM_MSG.format(what=what))
+        if path is None:  # not part of the captured model (e.g. a frozen module)
             return out
         calls = self.raw.setdefault(path, [])
         idx = len(calls)
@@ -132,11 +161,7 @@ def _forward(model, wrt, with_outputs, call):
             with _patched(rec):
                 out = call(m, *inputs)
         except jax.errors.UnexpectedTracerError as e:
-            raise ValueError(
-                "A captured NNX layer ran inside a JAX/NNX transform (nnx.scan, nnx.vmap, "
-                "nnx.remat, ...) within the model. Statistics of such layers are not supported: "
-                "unroll them, or use kfqn_jax.tnt/shampoo, which need no capture."
-            ) from e
+            raise ValueError(_TRANSFORM_MSG.format(what="A captured NNX layer")) from e
         new_rest = nnx.split(m, wrt, ...)[2]
         return out, (rec.raw, new_rest)
 
@@ -219,7 +244,6 @@ def nnx_value_grads_and_stats(
         return g, gp
 
     metas = dict(rec.metas)
-    out_fns = {k: [layers_lib.to_btd] * len(v) for k, v in metas.items() for v in [raw[k]]}
     cap.check_kernel_shapes(metas, params, _get_leaf)
     value, cot, cot_s, sampled_targets = cap.loss_and_cotangents(
         loss, outputs, targets, rng, sampled
@@ -232,13 +256,20 @@ def nnx_value_grads_and_stats(
             g_probes_s = None
         if sampled == "cotangents":
             sampled_grads = None
-    stats = cap.assemble_stats(metas, raw, out_fns, g_probes, g_probes_s, _probe_get)
+    stats = cap.assemble_stats(metas, raw, g_probes, g_probes_s, _probe_get)
     if exact_fisher:
         _, g_probes_e = jax.vmap(vjp_fn)(cap.exact_cotangents(loss, outputs))
-        stats = cap.exact_stats(stats, metas, out_fns, g_probes_e, _probe_get)
+        stats = cap.exact_stats(stats, metas, raw, g_probes_e, _probe_get)
+
+    def stats_fn():
+        if cot_s is None:
+            return stats
+        _, gps = vjp_fn(cot_s)
+        return cap.assemble_stats(metas, raw, g_probes, gps, _probe_get)
+
     nnx.update(model, new_rest)
     aux = {"outputs": outputs, "mutated": new_rest}
-    return cap.Captured(value, aux, grads, stats, sampled_grads, sampled_targets)
+    return cap.Captured(value, aux, grads, stats, sampled_grads, sampled_targets, stats_fn)
 
 
 def nnx_layer_metas(model: Any, *inputs: Any, wrt: Any = nnx.Param, call: Any = None):

@@ -112,8 +112,8 @@ def factor_stats(stats: LayerStats, fisher: str, dtype: Any) -> tuple[jax.Array,
     # 2-D matmuls (one contracting axis) so that every backend uses its GEMM kernel.
     a2 = a.reshape(-1, a.shape[-1])
     g2 = g.reshape(-1, g.shape[-1])  # "exact": the Hessian-root columns are summed over too
-    a_f = (a2.T @ a2) / b
-    g_f = (g2.T @ g2) * (b / t)
+    a_f = linalg.gram(a2) / b
+    g_f = linalg.gram(g2) * (b / t)
     return a_f, g_f
 
 
@@ -210,7 +210,9 @@ def scale_by_kfac(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
-      ``layer_stats=captured.stats``. Pass ``warm_start=True`` to fold a batch into the factors
+      ``layer_stats=captured.stats`` (or ``captured.stats_fn``, evaluated only on statistics
+      steps: with ``stats_every > 1`` this skips the sampled-label backward pass on the other
+      steps). Pass ``warm_start=True`` to fold a batch into the factors
       (arithmetic mean) without taking a step.
     """
     if fisher not in ("true", "empirical", "exact"):
@@ -272,7 +274,10 @@ def scale_by_kfac(
         if layer_stats is None:
             raise base.missing_extra_arg("kfac", base.LAYER_STATS, base.stats_fix_line())
         metas = blocks(updates)
-        stats = match_stats("kfac", metas, layer_stats)
+        # A callable is evaluated lazily, inside the statistics branch (Captured.stats_fn).
+        lazy = callable(layer_stats)
+        shapes = jax.eval_shape(layer_stats) if lazy else layer_stats
+        stats = match_stats("kfac", metas, shapes)
         for s in stats:
             if fisher == "true" and s.g_sampled is None:
                 raise ValueError(
@@ -292,11 +297,12 @@ def scale_by_kfac(
 
         def new_factors(operand):
             a_old, g_old, n = operand
+            cur = match_stats("kfac", metas, layer_stats()) if lazy else stats
             w = jnp.maximum(1.0 - ema_decay, 1.0 / (n.astype(dtype) + 1.0))
             if warm_start:
                 w = 1.0 / (n.astype(dtype) + 1.0)
             a_new, g_new = [], []
-            for s, ao, go in zip(stats, a_old, g_old, strict=True):
+            for s, ao, go in zip(cur, a_old, g_old, strict=True):
                 af, gf = factor_stats(s, fisher, dtype)
                 a_new.append((1 - w) * ao + w * af)
                 g_new.append((1 - w) * go + w * gf)

@@ -53,7 +53,7 @@ def canonical_conv_padding(
     n = len(kernel_size)
     if isinstance(padding, str):
         p = padding.upper()
-        if p in ("SAME", "VALID"):
+        if p in ("SAME", "SAME_LOWER", "VALID"):
             return p, None
         if p in ("CIRCULAR", "REFLECT"):
             eff = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]

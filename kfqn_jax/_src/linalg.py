@@ -695,3 +695,40 @@ def kron_mvp(
             f"`g` {g.shape}; got {m.shape}."
         )
     return _matmul(_matmul(a, m), g)
+
+
+def gram(x: jax.typing.ArrayLike, *, block: int = 256) -> jax.Array:
+    r"""``x^T x`` for ``x`` of shape ``(n, d)``, exploiting symmetry for large ``d``.
+
+    .. math:: G = X^T X, \qquad G_{ij} = \sum_k X_{ki} X_{kj}
+
+    For ``d >= 2 * block`` the columns are split into ``ceil(d / block)`` panels and only the
+    panel pairs ``i <= j`` are multiplied (the others are their transposes): about
+    ``(k + 1) / (2k)`` of the multiply-adds of the plain product for ``k`` panels. The result
+    is exactly symmetric.
+
+    Args:
+      x: a 2-D array.
+      block: panel width; below ``2 * block`` columns the plain product is used.
+
+    Returns:
+      The ``(d, d)`` Gram matrix.
+    """
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"gram expects a 2-D array, got shape {x.shape}.")
+    d = x.shape[1]
+    if d < 2 * block:
+        g = _matmul(x.T, x)
+        return symmetrize(g)
+    k = -(-d // block)
+    cuts = [d * i // k for i in range(k + 1)]
+    panels = [x[:, cuts[i] : cuts[i + 1]] for i in range(k)]
+    rows = [[None] * k for _ in range(k)]
+    for i in range(k):
+        rows[i][i] = symmetrize(_matmul(panels[i].T, panels[i]))
+        for j in range(i + 1, k):
+            blk = _matmul(panels[i].T, panels[j])
+            rows[i][j] = blk
+            rows[j][i] = blk.T
+    return jnp.block(rows)

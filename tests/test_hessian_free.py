@@ -1,0 +1,251 @@
+"""Hessian-free and block-diagonal HF against dense float64 references.
+
+The reference GGN is built explicitly: ``G = J^T H J`` with ``J`` from ``jax.jacfwd`` of the
+flattened model and ``H`` the per-example loss Hessian divided by the number of examples
+(the training loss is a mean). Solves are ``np.linalg.solve`` per block.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import kfqn_jax
+from kfqn_jax._src import ggn
+from kfqn_jax._src import hessian_free as hf
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Dense(5)(x))
+        x = nn.tanh(nn.Dense(4, use_bias=False)(x))
+        return nn.Dense(3)(x)
+
+
+def _problem(seed=0, n=7, n_curv=5, dtype=jnp.float64):
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+    model = Net()
+    x = jax.random.normal(k1, (n, 4), dtype)
+    y = jax.random.randint(k2, (n,), 0, 3)
+    x_curv = jax.random.normal(k3, (n_curv, 4), dtype)
+    params = model.init(k4, x)["params"]
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    loss = kfqn_jax.losses.softmax_cross_entropy()
+    return model, params, x, y, x_curv, loss
+
+
+def _dense_ggn(model_fn, loss, params):
+    """Explicit ``J^T H J`` of the mean loss, with flattened parameters."""
+    flat, unravel = ravel_pytree(params)
+    out = model_fn(params)
+    jac = jax.jacfwd(lambda f: model_fn(unravel(f)).reshape(-1))(flat)  # (N*C, n)
+    c = out.shape[-1]
+    hess = loss.hessian(out).reshape(-1, c, c) / out.reshape(-1, c).shape[0]
+    h_full = jax.scipy.linalg.block_diag(*hess)
+    return np.asarray(jac.T @ h_full @ jac), unravel
+
+
+def _block_index(params, blocks):
+    """Per flat parameter, its block id, from the same masks the transform uses."""
+    bm = ggn.block_masks(params, blocks)
+    masks = bm.tree(jnp.float64)
+    flats = []
+    for b in range(bm.num_blocks):
+        tree = jax.tree.map(
+            lambda m, p: jnp.broadcast_to(m[b], p.shape), masks, params
+        )
+        flats.append(np.asarray(ravel_pytree(tree)[0]))
+    return np.argmax(np.stack(flats), axis=0), bm.num_blocks
+
+
+def test_ggn_vector_product_matches_dense():
+    with jax.enable_x64(True):
+        model, params, _, _, x_curv, loss = _problem()
+        model_fn = lambda p: model.apply({"params": p}, x_curv)  # noqa: E731
+        g_dense, unravel = _dense_ggn(model_fn, loss, params)
+        v = jax.random.normal(jax.random.key(5), (g_dense.shape[0],), jnp.float64)
+        _, gvp = ggn.linearize_ggn(model_fn, loss, params)
+        got = ravel_pytree(gvp(unravel(v)))[0]
+        np.testing.assert_allclose(got, g_dense @ np.asarray(v), rtol=1e-10, atol=1e-12)
+        # A plain function of the outputs gives the same product.
+        y = jnp.array([0, 1, 2, 1, 0])
+        gvp_fn = ggn.linearize_ggn(model_fn, lambda z: loss(z, y), params)[1]
+        np.testing.assert_allclose(
+            ravel_pytree(gvp_fn(unravel(v)))[0], g_dense @ np.asarray(v), rtol=1e-10, atol=1e-12
+        )
+
+
+@pytest.mark.parametrize("blocks", ["layer", "split"])
+def test_block_products_match_dense_blocks(blocks):
+    with jax.enable_x64(True):
+        model, params, _, _, x_curv, loss = _problem(1)
+        if blocks == "split":
+            # Split the last kernel's columns into two blocks (like fused LSTM gates).
+            def blocks(path, shape):
+                if path[-2:] == ("Dense_2", "kernel"):
+                    cols = np.where(np.arange(shape[1]) < 2, "out_a", "out_b")
+                    return np.broadcast_to(cols[None, :], shape).copy()
+                return path[:-1]
+
+        model_fn = lambda p: model.apply({"params": p}, x_curv)  # noqa: E731
+        g_dense, unravel = _dense_ggn(model_fn, loss, params)
+        idx, k = _block_index(params, blocks)
+        assert k == (3 if blocks == "layer" else 5)
+        bm = ggn.block_masks(params, blocks)
+        masks = bm.tree(jnp.float64)
+        _, gvp = ggn.linearize_ggn(model_fn, loss, params)
+        v = unravel(jax.random.normal(jax.random.key(2), (g_dense.shape[0],), jnp.float64))
+        out = ggn.block_gvp(gvp, masks, k)(ggn.stack_blocks(v, masks))
+        vf = np.asarray(ravel_pytree(v)[0])
+        for b in range(k):
+            sel = idx == b
+            want = np.zeros_like(vf)
+            want[sel] = g_dense[np.ix_(sel, sel)] @ vf[sel]
+            got = np.asarray(ravel_pytree(jax.tree.map(lambda a, b=b: a[b], out))[0])
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("precond", [False, True])
+def test_block_cg_solves_each_block(precond):
+    with jax.enable_x64(True):
+        model, params, _, _, x_curv, loss = _problem(2)
+        model_fn = lambda p: model.apply({"params": p}, x_curv)  # noqa: E731
+        g_dense, unravel = _dense_ggn(model_fn, loss, params)
+        n = g_dense.shape[0]
+        lam = 0.05
+        g = np.asarray(jax.random.normal(jax.random.key(3), (n,), jnp.float64))
+        idx, k = _block_index(params, "layer")
+        masks = ggn.block_masks(params, "layer").tree(jnp.float64)
+        _, gvp = ggn.linearize_ggn(model_fn, loss, params)
+        g_mv = ggn.block_gvp(gvp, masks, k)
+
+        def matvec(v):
+            return jax.tree.map(lambda a, b: a + lam * b, g_mv(v), v)
+
+        b = ggn.stack_blocks(unravel(-jnp.asarray(g)), masks)
+        x0 = jax.tree.map(jnp.zeros_like, b)
+        pre = None
+        if precond:
+            diag = unravel(jnp.asarray(np.linspace(0.5, 3.0, n)))
+            pre = jax.tree.map(lambda d: (1.0 / d)[None], diag)
+        res = hf.block_cg(matvec, b, x0, max_iters=3 * n, progress_tol=0.0, precond=pre)
+        for bl in range(k):
+            sel = idx == bl
+            want = np.linalg.solve(g_dense[np.ix_(sel, sel)] + lam * np.eye(sel.sum()), -g[sel])
+            got = np.asarray(ravel_pytree(jax.tree.map(lambda a, bl=bl: a[bl], res.x))[0])
+            np.testing.assert_allclose(got[sel], want, rtol=1e-7, atol=1e-9)
+            np.testing.assert_array_equal(got[~sel], 0.0)
+        # Per-block stopping: blocks stop on their own (p^T A p vanishes at different times).
+        assert res.block_iters.shape == (k,)
+
+
+def _solve_with_transform(factory, blocks):
+    model, params, x, y, x_curv, loss = _problem(3)
+    loss_fn = lambda p: loss(model.apply({"params": p}, x), y)  # noqa: E731
+    model_fn = lambda p: model.apply({"params": p}, x_curv)  # noqa: E731
+    lam = 0.1
+    tx = factory(
+        damping=lam, max_cg_iters=200, progress_tol=0.0, backtracking=False, line_search=False
+    )
+    state = tx.init(params)
+    grads = jax.grad(loss_fn)(params)
+    upd, state = jax.jit(
+        lambda g, s, p: tx.update(g, s, p, model_fn=model_fn, output_loss=loss, loss_fn=loss_fn)
+    )(grads, state, params)
+    g_dense, _ = _dense_ggn(model_fn, loss, params)
+    gf = np.asarray(ravel_pytree(grads)[0])
+    idx, k = _block_index(params, blocks)
+    want = np.zeros_like(gf)
+    for b in range(k):
+        sel = idx == b
+        want[sel] = np.linalg.solve(g_dense[np.ix_(sel, sel)] + lam * np.eye(sel.sum()), -gf[sel])
+    return np.asarray(ravel_pytree(upd)[0]), want, state
+
+
+def test_hessian_free_step_is_damped_gauss_newton_solve():
+    with jax.enable_x64(True):
+        got, want, state = _solve_with_transform(kfqn_jax.hessian_free, "all")
+        np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-10)
+        assert 0 < int(state[0].cg_iters) <= 200
+
+
+def test_block_hessian_free_equals_independent_dense_solves():
+    with jax.enable_x64(True):
+        got, want, _ = _solve_with_transform(kfqn_jax.block_hessian_free, "layer")
+        np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-10)
+        full, _, _ = _solve_with_transform(kfqn_jax.hessian_free, "all")
+        assert not np.allclose(got, full, rtol=1e-3)  # block-diagonal is a different model
+
+
+def test_backtrack_grid_is_martens():
+    assert hf.backtrack_grid(60) == (5, 7, 9, 11, 15, 19, 25, 32, 41, 54)
+    assert hf.backtrack_grid(5) == ()
+
+
+def test_relative_progress_rule_stops_early():
+    # A well-conditioned diagonal system: CG converges and Martens' rule stops it long
+    # before the cap, block by block.
+    with jax.enable_x64(True):
+        d = jnp.stack([jnp.linspace(1.0, 2.0, 300), jnp.linspace(1.0, 1e4, 300)])
+        b = {"w": jnp.ones((2, 300))}
+        res = hf.block_cg(
+            lambda v: {"w": d * v["w"]}, b, {"w": jnp.zeros((2, 300))}, max_iters=200
+        )
+        iters = np.asarray(res.block_iters)
+        assert 10 < iters[0] < iters[1] < 200
+        assert int(res.iters) == iters[1]
+
+
+def test_lm_damping_decreases_on_exact_quadratic_and_line_search_rejects():
+    with jax.enable_x64(True):
+        # Linear model + squared error: the GGN is the Hessian and rho = 1.
+        w = {"w": jnp.array([[0.3, -0.2], [0.1, 0.5], [0.0, 0.2]])}
+        x = jnp.array([[1.0, 2.0, -1.0], [0.5, -1.0, 2.0], [1.5, 0.2, 0.3], [0.0, 1.0, 1.0]])
+        t = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, -0.5]])
+        loss = kfqn_jax.losses.squared_error()
+        model_fn = lambda p: x @ p["w"]  # noqa: E731
+        loss_fn = lambda p: loss(model_fn(p), t)  # noqa: E731
+        tx = kfqn_jax.hessian_free(damping=1.0, max_cg_iters=20)
+        state = tx.init(w)
+        g = jax.grad(loss_fn)(w)
+        extra = dict(model_fn=model_fn, output_loss=loss, loss_fn=loss_fn)
+        upd, state = tx.update(g, state, w, **extra)
+        assert np.isclose(float(state[0].damping), 2.0 / 3.0)
+        assert float(loss_fn(optax.apply_updates(w, upd))) < float(loss_fn(w))
+        # A training loss that rises in every direction: every Armijo trial fails.
+        bad = lambda p: loss_fn(p) + 1e14 * jnp.sum((p["w"] - w["w"]) ** 2)  # noqa: E731
+        state = tx.init(w)
+        upd, state = tx.update(g, state, w, **{**extra, "loss_fn": bad})
+        assert float(state[0].step_size) == 0.0
+        assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(upd))
+        assert np.isclose(float(state[0].damping), 1.5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="max_cg_iters"):
+        kfqn_jax.hessian_free(max_cg_iters=0)
+    with pytest.raises(ValueError, match="blocks"):
+        kfqn_jax.block_hessian_free(blocks="gates")
+    with pytest.raises(ValueError, match="damping"):
+        kfqn_jax.hessian_free(damping=0.0)
+    model, params, x, y, _, loss = _problem(4, dtype=jnp.float32)
+    model_fn = lambda p: model.apply({"params": p}, x)  # noqa: E731
+    loss_fn = lambda p: loss(model_fn(p), y)  # noqa: E731
+    g = jax.grad(loss_fn)(params)
+    tx = kfqn_jax.hessian_free(precondition=True, max_cg_iters=3)
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="sq_grads"):
+        tx.update(g, state, params, model_fn=model_fn, output_loss=loss, loss_fn=loss_fn)
+    with pytest.raises(ValueError, match="params"):
+        tx.update(g, state, None, model_fn=model_fn, output_loss=loss, loss_fn=loss_fn)
+    with pytest.raises(TypeError, match="output_loss"):
+        tx.update(g, state, params, model_fn=model_fn, output_loss=3, loss_fn=loss_fn,
+                  sq_grads=g)
+    with pytest.raises(TypeError, match="model_fn"):
+        tx.update(g, state, params, model_fn=x, output_loss=loss, loss_fn=loss_fn, sq_grads=g)
