@@ -246,3 +246,23 @@ def test_kfac_trains_tiny_autoencoder_better_than_adam():
     l_kfac = run(kfqn_jax.kfac(0.1, 0.1, inverse_every=5), True)
     l_adam = run(optax.adam(1e-2), False)
     assert l_kfac < l_adam
+
+
+def test_warm_start_takes_no_step_and_averages_factors():
+    model = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+    params = model.init(jax.random.key(1), jnp.zeros((1, 4)))["params"]
+    loss = kfqn_jax.losses.squared_error()
+    tx = kfqn_jax.scale_by_kfac(0.1, fisher="empirical", momentum=0.0, ema_decay=0.5)
+    state = tx.init(params)
+    a_batches = []
+    for i in range(3):
+        x = jax.random.normal(jax.random.key(10 + i), (5, 4))
+        y = jax.random.normal(jax.random.key(20 + i), (5, 2))
+        out = kfx.value_grads_and_stats(model, params, x, targets=y, loss=loss)
+        upd, state = tx.update(out.grads, state, params, layer_stats=out.stats, warm_start=True)
+        assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(upd))
+        xa = np.concatenate([np.asarray(x), np.ones((5, 1))], 1)
+        a_batches.append(xa.T @ xa / 5)
+    assert int(state.count) == 0 and int(state.stats_count) == 3
+    # Arithmetic mean over the warm-start batches (not the EMA with decay 0.5).
+    np.testing.assert_allclose(state.a_factors[0], np.mean(a_batches, 0), rtol=1e-5, atol=1e-6)
