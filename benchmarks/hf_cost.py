@@ -120,9 +120,7 @@ def main(argv=None):
         out[f"{name}_update_ms_at_25_iters"] = 1e3 * times[25]
     from kfqn_jax._src.ggn import block_masks
 
-    out["bdhf_num_blocks"] = block_masks(
-        params, kw.get("blocks", "layer")
-    ).num_blocks
+    out["bdhf_num_blocks"] = block_masks(params, kw.get("blocks", "layer")).num_blocks
     out["curvature_batch"] = n_curv
     out["jax"] = jax.__version__
     out["device"] = str(jax.devices()[0])

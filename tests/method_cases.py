@@ -121,8 +121,8 @@ CASES: list[MethodCase] = [
                     ctx.model, p, ctx.x, targets=ctx.y, loss=ctx.loss
                 ),
             },
-            static_args=(
-                "memory_size",
+            static_args=(("memory_size",) if _name == "kbfgs_l" else ())
+            + (
                 "inverse_every",
                 "momentum",
                 "ema_decay",
@@ -180,5 +180,34 @@ CASES: list[MethodCase] = [
             "root_order",
             "newton_iters",
         ),
+    ),
+    *(
+        MethodCase(
+            name=_name,
+            factory=getattr(kfqn_jax, _name),
+            kwargs=dict(learning_rate=1.0, damping=1.0, curvature_batch=4),
+            required=("layer_stats", "loss_fn")
+            if _name == "smw_ng"
+            else ("probe_stats_fn", "model_outputs", "loss_fn"),
+            extra_args=(
+                lambda ctx, params: {
+                    "layer_stats": ctx.capture(params, sampled="cotangents").stats,
+                    "loss_fn": ctx.loss_fn,
+                }
+            )
+            if _name == "smw_ng"
+            else (
+                lambda ctx, params: {
+                    "model_outputs": ctx.model.apply({"params": params}, ctx.x),
+                    "probe_stats_fn": lambda v: kfx.layer_stats(
+                        ctx.model, params, ctx.x[:4], targets=v, loss=kfqn_jax.OutputProbe()
+                    ),
+                    "loss_fn": ctx.loss_fn,
+                }
+            ),
+            static_args=("curvature_batch", "momentum", "weight_decay", "adapt_damping")
+            + (() if _name == "smw_ng" else ("output_samples", "max_system_size", "seed")),
+        )
+        for _name in ("smw_ng", "smw_gn")
     ),
 ]

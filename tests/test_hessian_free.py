@@ -57,9 +57,7 @@ def _block_index(params, blocks):
     masks = bm.tree(jnp.float64)
     flats = []
     for b in range(bm.num_blocks):
-        tree = jax.tree.map(
-            lambda m, p: jnp.broadcast_to(m[b], p.shape), masks, params
-        )
+        tree = jax.tree.map(lambda m, p: jnp.broadcast_to(m[b], p.shape), masks, params)
         flats.append(np.asarray(ravel_pytree(tree)[0]))
     return np.argmax(np.stack(flats), axis=0), bm.num_blocks
 
@@ -194,9 +192,7 @@ def test_relative_progress_rule_stops_early():
     with jax.enable_x64(True):
         d = jnp.stack([jnp.linspace(1.0, 2.0, 300), jnp.linspace(1.0, 1e4, 300)])
         b = {"w": jnp.ones((2, 300))}
-        res = hf.block_cg(
-            lambda v: {"w": d * v["w"]}, b, {"w": jnp.zeros((2, 300))}, max_iters=200
-        )
+        res = hf.block_cg(lambda v: {"w": d * v["w"]}, b, {"w": jnp.zeros((2, 300))}, max_iters=200)
         iters = np.asarray(res.block_iters)
         assert 10 < iters[0] < iters[1] < 200
         assert int(res.iters) == iters[1]
@@ -245,7 +241,6 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="params"):
         tx.update(g, state, None, model_fn=model_fn, output_loss=loss, loss_fn=loss_fn)
     with pytest.raises(TypeError, match="output_loss"):
-        tx.update(g, state, params, model_fn=model_fn, output_loss=3, loss_fn=loss_fn,
-                  sq_grads=g)
+        tx.update(g, state, params, model_fn=model_fn, output_loss=3, loss_fn=loss_fn, sq_grads=g)
     with pytest.raises(TypeError, match="model_fn"):
         tx.update(g, state, params, model_fn=x, output_loss=loss, loss_fn=loss_fn, sq_grads=g)

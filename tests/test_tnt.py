@@ -115,6 +115,17 @@ def test_same_trace_normalisation(k_shape):
             np.testing.assert_allclose(u, u_ref, rtol=1e-10)
 
 
+def test_blocked_symmetric_contractions_of_large_modes():
+    with jax.enable_x64(True):
+        shape = (1100, 3, 2)  # mode 0 is split twice (1100 -> 550 -> 275)
+        g = _rand(7, shape)
+        layout = tnt_lib.ModeLayout(shape, shape, (True, True, True))
+        for c, c_ref in zip(
+            tnt_lib.mode_contractions(g, layout), np_contractions(g, shape), strict=True
+        ):
+            np.testing.assert_allclose(c, c_ref, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("mode", tnt_lib.DAMPING_MODES)
 def test_damping_modes(mode):
     with jax.enable_x64(True):

@@ -37,7 +37,8 @@ class Captured(NamedTuple):
         cotangents, computing the second VJP only when called. Pass it as
         ``layer_stats=out.stats_fn`` to a method that refreshes its statistics every few steps
         (``stats_every > 1``): the method calls it inside its ``lax.cond``, so the
-        sampled-label backward pass runs only on statistics steps.
+        sampled-label backward pass runs only on statistics steps. It is not part of the
+        pytree: ``jax.tree`` functions and ``jit`` outputs drop it (it comes back ``None``).
     """
 
     loss: jax.Array
@@ -47,6 +48,32 @@ class Captured(NamedTuple):
     sampled_grads: Any = None
     sampled_targets: Any = None
     stats_fn: Any = None
+
+
+# Captured is a pytree of its arrays only: ``stats_fn`` is a closure over the trace that made it,
+# so it is dropped on flattening (it comes back as ``None``). A capture can then be returned from
+# ``jax.jit``/``nnx.jit`` and mapped over with ``jax.tree.map`` like any array container.
+_ARRAY_FIELDS = tuple(f for f in Captured._fields if f != "stats_fn")
+
+
+def _flatten_captured_with_keys(c: Captured):
+    return tuple((jax.tree_util.GetAttrKey(f), getattr(c, f)) for f in _ARRAY_FIELDS), None
+
+
+def _flatten_captured(c: Captured):
+    return tuple(getattr(c, f) for f in _ARRAY_FIELDS), None
+
+
+def _unflatten_captured(_, children) -> Captured:
+    return Captured(**dict(zip(_ARRAY_FIELDS, children, strict=True)))
+
+
+jax.tree_util.register_pytree_with_keys(
+    Captured,
+    _flatten_captured_with_keys,
+    _unflatten_captured,
+    flatten_func=_flatten_captured,
+)
 
 
 def check_sampled(sampled: Any) -> None:

@@ -94,7 +94,9 @@ class ScaleBySMWState(NamedTuple):
     Attributes:
       count: number of steps taken (int32).
       damping: the current Levenberg-Marquardt damping ``λ`` (scalar, float32 or float64).
-      rho: the last reduction ratio ``ρ`` (``nan`` before the first step or without LM).
+      rho: the last reduction ratio ``ρ`` (0 before the first step and without LM; a rising
+        loss, ``ρ = -∞``, is stored as the most negative finite float so the state stays
+        finite).
       momentum: moving average ``ĝ`` of the gradient (tree like the parameters, float32), or
         ``()`` without momentum.
       fallback_state: state of the user's ``fallback`` transform, or ``()``.
@@ -321,7 +323,7 @@ def _smw_transform(
         return ScaleBySMWState(
             count=jnp.zeros([], jnp.int32),
             damping=jnp.asarray(lam0, dtype),
-            rho=jnp.asarray(jnp.nan, dtype),
+            rho=jnp.zeros([], dtype),
             momentum=mom,
             fallback_state=masked_fallback.init(params) if masked_fallback is not None else (),
         )
@@ -387,7 +389,7 @@ def _smw_transform(
                 fb_out,
             )
 
-        new_lam, rho = lam, jnp.asarray(jnp.nan, dtype)
+        new_lam, rho = lam, jnp.zeros([], dtype)
         if adapt_damping:
             rho = _reduction_ratio(
                 extra, params, direction, grads32, g_hat, blocks, metas, num, l2, lm_model, dtype
@@ -402,7 +404,7 @@ def _smw_transform(
         new_state = ScaleBySMWState(
             count=optax.safe_increment(count),
             damping=new_lam,
-            rho=rho.astype(dtype),
+            rho=jnp.maximum(rho, jnp.finfo(dtype).min).astype(dtype),
             momentum=new_mom,
             fallback_state=fb_state,
         )

@@ -51,6 +51,8 @@ _HIGHEST = lax.Precision.HIGHEST
 
 RESHAPES = ("filter_flattening", "none")
 DAMPING_MODES = ("constant", "root", "max_eigenvalue", "mean_eigenvalue", "trace")
+# Contractions of modes at least twice this size are assembled from half-size blocks.
+_SYMMETRIC_SPLIT_MIN = 256
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,6 +118,22 @@ def layouts_of(tree: Any, reshape: Any, max_dim: int | None) -> list[ModeLayout]
     return out
 
 
+def _symmetric_contraction(x: jax.Array, axis: int, others: tuple[int, ...]) -> jax.Array:
+    """``X_(axis) X_(axis)ᵀ`` exploiting symmetry: with ``x`` split in halves along ``axis``,
+    ``C = [[C_00, C_01], [C_01ᵀ, C_11]]`` where the diagonal blocks recurse (down to
+    ``_SYMMETRIC_SPLIT_MIN``), which saves up to half of the flops of one product."""
+    d = x.shape[axis]
+    if d < 2 * _SYMMETRIC_SPLIT_MIN:
+        return jnp.tensordot(x, x, axes=(others, others), precision=_HIGHEST)
+    h = d // 2
+    x0 = lax.slice_in_dim(x, 0, h, axis=axis)
+    x1 = lax.slice_in_dim(x, h, d, axis=axis)
+    c01 = jnp.tensordot(x0, x1, axes=(others, others), precision=_HIGHEST)
+    c00 = _symmetric_contraction(x0, axis, others)
+    c11 = _symmetric_contraction(x1, axis, others)
+    return jnp.block([[c00, c01], [c01.T, c11]])
+
+
 def mode_contractions(g: jax.Array, layout: ModeLayout) -> list[jax.Array]:
     """``C_i = G_(i) G_(i)ᵀ`` per mode (its diagonal for diagonal modes) of ``g``."""
     x = g.reshape(layout.modes)
@@ -123,10 +141,10 @@ def mode_contractions(g: jax.Array, layout: ModeLayout) -> list[jax.Array]:
     out = []
     for i in range(k):
         others = tuple(j for j in range(k) if j != i)
-        if layout.full[i]:
-            out.append(jnp.tensordot(x, x, axes=(others, others), precision=_HIGHEST))
-        else:
+        if not layout.full[i]:
             out.append(jnp.sum(x * x, axis=others))
+            continue
+        out.append(_symmetric_contraction(x, i, others))
     return out
 
 

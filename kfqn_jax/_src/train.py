@@ -21,7 +21,9 @@ from flax.training import train_state
 from kfqn_jax._src import base, capture_linen
 from kfqn_jax._src import losses as losses_lib
 
-NEEDS = (base.LAYER_STATS, base.SAMPLED_GRADS, base.STATS_FN, base.LOSS_FN)
+MODEL_FN = "model_fn"
+OUTPUT_LOSS = "output_loss"
+NEEDS = (base.LAYER_STATS, base.SAMPLED_GRADS, base.STATS_FN, base.LOSS_FN, MODEL_FN, OUTPUT_LOSS)
 
 
 class TrainState(train_state.TrainState):
@@ -93,8 +95,9 @@ def make_train_step(
       exact_fisher: capture ``g_exact`` (KFAC ``fisher="exact"``).
       needs: extra arguments to pass to ``tx.update``: any of ``"layer_stats"``,
         ``"sampled_grads"`` (needs ``sampled`` in ``("grads", "both")``), ``"stats_fn"``
-        (statistics at other parameters on the same batch) and ``"loss_fn"`` (the loss at
-        other parameters on the same batch).
+        (statistics at other parameters on the same batch), ``"loss_fn"`` (the loss at other
+        parameters on the same batch), ``"model_fn"`` (the model outputs at other parameters
+        on the same batch) and ``"output_loss"`` (the loss object), as the methods document.
       mutable: collections the model updates in training (e.g. ``["batch_stats"]``); they
         are read from and written back to ``state.extra_variables``.
       rng_streams: names of Flax RNG streams (e.g. ``("dropout",)``) fed from the step's
@@ -161,19 +164,22 @@ def make_train_step(
                 method=method,
                 **kwargs,
             )
+
+        def model_fn(p):
+            variables = {"params": p, **extra}
+            if mutable:
+                outputs, _ = model.apply(
+                    variables, *inputs, mutable=mutable, method=method, **kwargs
+                )
+                return outputs
+            return model.apply(variables, *inputs, method=method, **kwargs)
+
         if base.LOSS_FN in needs:
-
-            def loss_fn(p):
-                variables = {"params": p, **extra}
-                if mutable:
-                    outputs, _ = model.apply(
-                        variables, *inputs, mutable=mutable, method=method, **kwargs
-                    )
-                else:
-                    outputs = model.apply(variables, *inputs, method=method, **kwargs)
-                return loss(outputs, y)
-
-            extra_args[base.LOSS_FN] = loss_fn
+            extra_args[base.LOSS_FN] = lambda p: loss(model_fn(p), y)
+        if MODEL_FN in needs:
+            extra_args[MODEL_FN] = model_fn
+        if OUTPUT_LOSS in needs:
+            extra_args[OUTPUT_LOSS] = loss
         new_extra = {**extra, **out.aux["mutated"]}
         replace = {"extra_variables": new_extra} if hasattr(state, "extra_variables") else {}
         if tx is None and isinstance(state, TrainState):
