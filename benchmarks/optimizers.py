@@ -310,7 +310,12 @@ def _tnt(problem, hp):
 
 @register("shampoo")
 def _shampoo(problem, hp):
-    tx = _call(_kfqn_factory("shampoo"), hp)
+    # ``--hp shampoo.graft='"adam"'`` grafts onto optax.scale_by_adam's per-leaf step norm (the
+    # results record the string; the factory gets the transform).
+    grafts = {"adam": optax.scale_by_adam, "rss": optax.scale_by_rss, "sgd": optax.identity}
+    factory = _kfqn_factory("shampoo")
+    graft = hp.get("graft")
+    tx = _call(lambda **kw: factory(**{**kw, "graft": grafts[graft]()} if graft else kw), hp)
     return dataclasses.replace(_first_order(problem, tx), hparams=hp)
 
 

@@ -268,7 +268,8 @@ def _run_one(name, problem, params0, schedule, args, device, dtype, evaluate) ->
             # inputs (made outside jit) and committed ones (its own outputs) as different
             # signatures, and would compile a second time on step 2.
             params = jax.device_put(jax.tree.map(jnp.copy, params0), device)
-            opt_state = jax.device_put(runner.init(params), device)
+            # Fresh buffers for every leaf: donation rejects leaves that share one buffer.
+            opt_state = jax.tree.map(jnp.copy, jax.device_put(runner.init(params), device))
             jax.block_until_ready(opt_state)
             record["opt_state_bytes"] = _tree_bytes(opt_state)
             # Donate params and state, as a training loop would: no copy of the state per step.

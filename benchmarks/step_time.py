@@ -97,7 +97,8 @@ def main(argv=None) -> int:
         # Donate params and state, as a training loop would (no per-step copy of the state).
         step = jax.jit(runner.step, donate_argnums=(0, 1))
         params = jax.tree.map(jnp.copy, params0)
-        state = jax.device_put(runner.init(params))
+        # Fresh buffers for every leaf: donation rejects leaves that share one buffer.
+        state = jax.tree.map(jnp.copy, jax.device_put(runner.init(params)))
         t0 = time.perf_counter()
         compiled = step.lower(params, state, (x, y), jax.random.key(0)).compile()
         compile_s = time.perf_counter() - t0
@@ -106,14 +107,19 @@ def main(argv=None) -> int:
         jax.block_until_ready(params)
         state_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state))
         runs[label] = dict(
-            fn=compiled, params=params, state=state, compile_s=compile_s, times=[],
-            state_bytes=state_bytes, hp=runner.hparams,
+            fn=compiled,
+            params=params,
+            state=state,
+            compile_s=compile_s,
+            times=[],
+            state_bytes=state_bytes,
+            hp=runner.hparams,
         )
         print(f"compiled {label}: {compile_s:.2f} s", flush=True)
 
     k = 0
     for r in range(args.rounds):
-        for label, run in runs.items():
+        for run in runs.values():
             params, state = run["params"], run["state"]
             for _ in range(args.block):
                 t = time.perf_counter()
@@ -131,8 +137,10 @@ def main(argv=None) -> int:
         f"\n{problem.name}, batch {batch}, {jax.devices()[0].device_kind}, jax {jax.__version__}, "
         f"{os.cpu_count()} cpus; {args.rounds} rounds x {args.block} steps, interleaved"
     )
-    print(f"{'optimizer':<40} {'median ms':>10} {'mean ms':>9} {'ratio':>6} {'compile s':>9} "
-          f"{'state MB':>9} {'state/params':>12}")
+    print(
+        f"{'optimizer':<40} {'median ms':>10} {'mean ms':>9} {'ratio':>6} {'compile s':>9} "
+        f"{'state MB':>9} {'state/params':>12}"
+    )
     for label, run in runs.items():
         t = np.asarray(run["times"])
         row = dict(
@@ -146,20 +154,34 @@ def main(argv=None) -> int:
             state_over_params=run["state_bytes"] / param_bytes,
         )
         rows.append(row)
-        print(f"{label:<40} {row['median_ms']:>10.2f} {row['mean_ms']:>9.2f} "
-              f"{row['ratio_to_adam']:>6.2f} {row['compile_s']:>9.2f} "
-              f"{row['state_bytes'] / 2**20:>9.2f} {row['state_over_params']:>12.2f}")
+        print(
+            f"{label:<40} {row['median_ms']:>10.2f} {row['mean_ms']:>9.2f} "
+            f"{row['ratio_to_adam']:>6.2f} {row['compile_s']:>9.2f} "
+            f"{row['state_bytes'] / 2**20:>9.2f} {row['state_over_params']:>12.2f}"
+        )
     if args.json:
         try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, check=False).stdout.strip()
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            ).stdout.strip()
         except OSError:
             commit = None
         with open(args.json, "w") as f:
-            json.dump(dict(problem=problem.name, batch=batch, rows=rows, commit=commit,
-                           jax=jax.__version__, device=jax.devices()[0].device_kind,
-                           machine=platform.machine(), cpus=os.cpu_count(),
-                           argv=sys.argv[1:]), f, indent=1)
+            json.dump(
+                dict(
+                    problem=problem.name,
+                    batch=batch,
+                    rows=rows,
+                    commit=commit,
+                    jax=jax.__version__,
+                    device=jax.devices()[0].device_kind,
+                    machine=platform.machine(),
+                    cpus=os.cpu_count(),
+                    argv=sys.argv[1:],
+                ),
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -59,7 +59,9 @@ def test_kfac_factors_equal_exact_ggn_blocks_of_deep_linear_network():
         y = jnp.zeros((7, 2), jnp.float64)
         loss = kfqn_jax.losses.squared_error()
         out = jax.jit(
-            lambda p: kfx.value_grads_and_stats(model, p, x, targets=y, loss=loss, exact_fisher=True)
+            lambda p: kfx.value_grads_and_stats(
+                model, p, x, targets=y, loss=loss, exact_fisher=True
+            )
         )(params)
         tx = kfqn_jax.scale_by_kfac(
             1e-3, fisher="exact", ema_decay=0.0, momentum=0.0, pi_damping=False
@@ -202,7 +204,12 @@ def test_inverse_refresh_periods_and_nan_statistics_keep_old_inverse(schedule):
     @jax.jit
     def step(state, scale):
         out = kfx.value_grads_and_stats(
-            model, params, x * scale, targets=y, loss=loss, rng=jax.random.key(0),
+            model,
+            params,
+            x * scale,
+            targets=y,
+            loss=loss,
+            rng=jax.random.key(0),
             sampled="cotangents",
         )
         return tx.update(out.grads, state, params, layer_stats=out.stats)
@@ -240,7 +247,7 @@ def test_kfac_trains_tiny_autoencoder_better_than_adam():
             return optax.apply_updates(params, upd), state, out.loss
 
         for i in range(60):
-            params, state, l = step(params, state, jax.random.key(i))
+            params, state, _ = step(params, state, jax.random.key(i))
         return float(loss(model.apply({"params": params}, x), x))
 
     l_kfac = run(kfqn_jax.kfac(0.1, 0.1, inverse_every=5), True)

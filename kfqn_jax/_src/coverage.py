@@ -107,7 +107,9 @@ def coverage_report(
     if kinds is not None:
         for m in layers_lib.resolve_layers(params, layers, kinds):
             din = m.in_features + int(m.has_bias)
-            owner[tuple(m.kernel_path)] = f"layer {m.name} ({m.kind}, A {din}², G {m.out_features}²)"
+            owner[tuple(m.kernel_path)] = (
+                f"layer {m.name} ({m.kind}, A {din}², G {m.out_features}²)"
+            )
             if m.bias_path is not None:
                 owner[tuple(m.bias_path)] = f"layer {m.name} (bias, homogeneous coordinate)"
     rows = []
@@ -117,7 +119,11 @@ def coverage_report(
         if kinds is None:
             rows.append(CoverageRow(name, shape, _BLOCK_NAMES[method], "own block"))
         elif tuple(key) in owner or tuple(p) in owner:
-            rows.append(CoverageRow(name, shape, _BLOCK_NAMES[method], owner.get(tuple(p), owner.get(tuple(key)))))
+            rows.append(
+                CoverageRow(
+                    name, shape, _BLOCK_NAMES[method], owner.get(tuple(p), owner.get(tuple(key)))
+                )
+            )
         else:
             why = "no Dense/Conv kernel" if p and p[-1] != "kernel" else "layer not captured"
             rows.append(CoverageRow(name, shape, None, why))

@@ -295,8 +295,7 @@ def _scale_by_kbfgs(
             n = a_count.astype(dtype)
             w = 1.0 / (n + 1.0) if warm_start else jnp.maximum(1.0 - ema_decay, 1.0 / (n + 1.0))
             a_f = tuple(
-                (1.0 - w) * old
-                + w * (jnp.matmul(a.T, a, precision=lax.Precision.HIGHEST) / s.a.shape[0])
+                (1.0 - w) * old + w * (linalg.gram(a) / s.a.shape[0])
                 for old, a, s in zip(state.a_factors, a_mats, stats, strict=True)
             )
             a_count = optax.safe_increment(a_count)
@@ -331,7 +330,7 @@ def _scale_by_kbfgs(
             def invert(ops, b=b):
                 mat, a2, lam, old = ops
                 if a_statistic == "minibatch":
-                    mat = jnp.matmul(a2.T, a2, precision=lax.Precision.HIGHEST) / b
+                    mat = linalg.gram(a2) / b
                 new = linalg.damped_cholesky_inverse(mat, lam)
                 return jnp.where(linalg.is_finite(new), new, old)
 
