@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -126,15 +127,51 @@ class Problem:
     task: str = "autoencoder"
     data_source: str = ""
     notes: str = ""
+    init: str = "flax"
+
+    def __post_init__(self):
+        if self.init not in ("flax", "torch"):
+            raise ValueError(f"init must be 'flax' or 'torch', got {self.init!r}")
 
     @property
     def n_train(self) -> int:
         return len(self.x_train)
 
     def init_params(self, rng):
-        """``variables["params"]`` of the model for a key ``rng``."""
+        """``variables["params"]`` of the model for a key ``rng``.
+
+        ``init="torch"`` redraws every Dense/Conv kernel and bias from
+        ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, PyTorch's default for ``nn.Linear`` and
+        ``nn.Conv2d``, which the authors' code uses. With Flax's default (LeCun normal kernels,
+        zero biases) the papers' K-BFGS learning rate 0.3 diverged on the MNIST autoencoder
+        within ten steps; with this init it trains.
+        """
         x = jnp.asarray(self.x_train[:1])
-        return self.model.init(rng, x)["params"]
+        params = self.model.init(rng, x)["params"]
+        if self.init == "flax":
+            return params
+        return torch_default_init(params, rng)
+
+
+def torch_default_init(params, rng):
+    """Redraws each ``kernel`` and its sibling ``bias`` from ``U(-b, b)``, ``b = 1/sqrt(fan_in)``
+    with ``fan_in = prod(kernel.shape[:-1])`` (PyTorch's default layer initialisation)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    keys = [tuple(getattr(k, "key", k) for k in path) for path, _ in flat]
+    fan_in = {
+        k[:-1]: int(np.prod(leaf.shape[:-1]))
+        for k, (_, leaf) in zip(keys, flat, strict=True)
+        if k[-1] == "kernel"
+    }
+    rngs = jax.random.split(rng, len(flat))
+    out = []
+    for k, (_, leaf), r in zip(keys, flat, rngs, strict=True):
+        if k[-1] in ("kernel", "bias") and k[:-1] in fan_in:
+            bound = 1.0 / np.sqrt(fan_in[k[:-1]])
+            out.append(jax.random.uniform(r, leaf.shape, leaf.dtype, -bound, bound))
+        else:
+            out.append(leaf)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -76,6 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "gpu"), default=None, help="default: JAX's")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init",
+        choices=("flax", "torch"),
+        default="flax",
+        help="parameter initialisation: Flax defaults, or PyTorch's layer defaults "
+        "U(+-1/sqrt(fan_in)) as in the authors' code",
+    )
     p.add_argument(
         "--hp",
         action="append",
@@ -473,6 +481,7 @@ def main(argv=None) -> int:
 
     t_setup = time.perf_counter()
     problem = prob_lib.make_problem(args.problem, quick=args.quick, data_dir=args.data_dir)
+    problem = dataclasses.replace(problem, init=args.init)
     batch = args.batch_size or problem.batch_size
     steps_per_epoch = problem.n_train // batch
     if args.steps is not None:
@@ -504,6 +513,7 @@ def main(argv=None) -> int:
         "config": {
             "optimizers": args.optimizer_names,
             "quick": args.quick,
+            "init": args.init,
             "epochs": steps / steps_per_epoch,
             "steps": steps,
             "batch_size": batch,

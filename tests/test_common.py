@@ -130,3 +130,17 @@ def test_finite_on_zero_gradients(case):
     for leaf in jax.tree.leaves((updates, state)):
         if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_state_can_be_donated(case):
+    """Training loops donate params and optimizer state; no two state leaves may share a
+    buffer (XLA refuses to donate one buffer twice)."""
+    ctx = Ctx()
+    tx = case.factory(**case.kwargs)
+    params = jax.tree.map(jnp.copy, ctx.params)
+    state = tx.init(params)
+    step = jax.jit(_step_fn(tx, ctx, case), donate_argnums=(0, 1))
+    for _ in range(2):
+        params, state, _ = step(params, state)
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))

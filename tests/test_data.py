@@ -216,3 +216,20 @@ def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
     assert data.default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("KFQN_DATA_DIR")
     assert data.default_cache_dir().parts[-2:] == (".cache", "kfqn_jax")
+
+
+def test_torch_default_init_bounds_follow_fan_in():
+    import dataclasses
+
+    import jax
+
+    from benchmarks import problems as prob_lib
+
+    problem = prob_lib.make_problem("tiny_ae", quick=True)
+    params = dataclasses.replace(problem, init="torch").init_params(jax.random.key(0))
+    for layer in params.values():
+        fan_in = int(np.prod(layer["kernel"].shape[:-1]))
+        bound = 1.0 / np.sqrt(fan_in)
+        for leaf in (layer["kernel"], layer["bias"]):
+            leaf = np.asarray(leaf)
+            assert np.all(np.abs(leaf) <= bound) and np.abs(leaf).max() > 0.5 * bound

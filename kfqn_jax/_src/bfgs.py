@@ -221,8 +221,12 @@ class LBFGSMemory(NamedTuple):
 
 def lbfgs_init(memory_size: int, dim: int, dtype=jnp.float32) -> LBFGSMemory:
     """An empty memory of ``memory_size`` pairs of length ``dim`` (``H = γ I``)."""
-    z = jnp.zeros((memory_size, dim), dtype)
-    return LBFGSMemory(z, z, jnp.zeros([], jnp.int32))
+    # Two distinct buffers: a state whose leaves share one buffer cannot be donated.
+    return LBFGSMemory(
+        jnp.zeros((memory_size, dim), dtype),
+        jnp.zeros((memory_size, dim), dtype),
+        jnp.zeros([], jnp.int32),
+    )
 
 
 def lbfgs_push(mem: LBFGSMemory, s: jax.Array, y: jax.Array, accept: jax.Array) -> LBFGSMemory:
