@@ -281,7 +281,7 @@ def _run_one(name, problem, params0, schedule, args, device, dtype, evaluate) ->
             jax.block_until_ready(opt_state)
             record["opt_state_bytes"] = _tree_bytes(opt_state)
             # Donate params and state, as a training loop would: no copy of the state per step.
-            step = jax.jit(runner.step, donate_argnums=(0, 1))
+            step = jax.jit(runner.step, donate_argnums=(0, 1)) if runner.jit else runner.step
             epoch_start = 0
             for i, idx in enumerate(schedule):
                 x = jax.device_put(jnp.asarray(problem.x_train[idx], dtype), device)
