@@ -54,7 +54,7 @@ from jax import lax
 from kfqn_jax._src import base, linalg
 from kfqn_jax._src import bfgs as bfgs_lib
 from kfqn_jax._src import layers as layers_lib
-from kfqn_jax._src.kfac import _leaf_index, match_stats
+from kfqn_jax._src.kfac import match_stats
 
 KINDS = ("dense", "conv")
 
@@ -174,17 +174,9 @@ def _scale_by_kbfgs(
     def blocks(tree):
         return layers_lib.resolve_layers(tree, layers, KINDS)
 
-    def fallback_mask(tree):
-        covered = set()
-        for m in blocks(tree):
-            for p in (m.kernel_path, m.bias_path):
-                if p is not None:
-                    covered.add(tuple(p))
-                    covered.add(("params",) + tuple(p))
-        flags = [p not in covered for p in base.tree_paths(tree)]
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), flags)
-
-    masked_fallback = optax.masked(fallback, fallback_mask)
+    masked_fallback = optax.masked(
+        fallback, lambda tree: layers_lib.uncovered_mask(tree, blocks(tree))
+    )
 
     def init_fn(params):
         metas = blocks(params)
@@ -343,7 +335,7 @@ def _scale_by_kbfgs(
 
         # Direction.
         out, fb_state = masked_fallback.update(updates, state.fallback_state, params)
-        leaves, index, treedef = _leaf_index(out)
+        leaves, index, treedef = layers_lib.leaf_index(out)
         grad_leaves = jax.tree_util.tree_leaves(updates)
         new_mom = []
         for bi, m in enumerate(metas):

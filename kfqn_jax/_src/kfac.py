@@ -58,12 +58,6 @@ class ScaleByKFACState(NamedTuple):
     fallback_state: Any
 
 
-def _leaf_index(tree: Any) -> tuple[list, dict, Any]:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    paths = base.tree_paths(tree)
-    return leaves, {p: i for i, p in enumerate(paths)}, treedef
-
-
 def match_stats(method: str, metas: Sequence[LayerMeta], layer_stats: Any) -> list[LayerStats]:
     """The statistics of each block, matched by kernel path, with shape checks."""
     if not isinstance(layer_stats, dict):
@@ -236,17 +230,9 @@ def scale_by_kfac(
     def blocks(tree):
         return layers_lib.resolve_layers(tree, layers, KINDS)
 
-    def fallback_mask(tree):
-        covered = set()
-        for m in blocks(tree):
-            for p in (m.kernel_path, m.bias_path):
-                if p is not None:
-                    covered.add(tuple(p))
-                    covered.add(("params",) + tuple(p))
-        flags = [p not in covered for p in base.tree_paths(tree)]
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), flags)
-
-    masked_fallback = optax.masked(fallback, fallback_mask)
+    masked_fallback = optax.masked(
+        fallback, lambda tree: layers_lib.uncovered_mask(tree, blocks(tree))
+    )
 
     def init_fn(params):
         metas = blocks(params)
@@ -370,7 +356,7 @@ def scale_by_kfac(
 
         # Fallback for everything outside the blocks.
         out, fb_state = masked_fallback.update(updates, state.fallback_state, params)
-        leaves, index, treedef = _leaf_index(out)
+        leaves, index, treedef = layers_lib.leaf_index(out)
         grad_leaves = jax.tree_util.tree_leaves(updates)
         new_mom = []
         for bi, m in enumerate(metas):

@@ -244,6 +244,27 @@ def infer_layers(params: Any) -> tuple[LayerMeta, ...]:
     return tuple(out)
 
 
+def leaf_index(tree: Any) -> tuple[list, dict, Any]:
+    """Leaves of ``tree``, a dict from each leaf's path (:func:`tree_paths`) to its index, and
+    the treedef, for reading and replacing the kernel/bias leaves of layers."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return leaves, {p: i for i, p in enumerate(tree_paths(tree))}, treedef
+
+
+def uncovered_mask(tree: Any, metas: Sequence[LayerMeta]) -> Any:
+    """A tree of bools like ``tree``: True for leaves that are neither the kernel nor the bias
+    of a layer in ``metas`` (the leaves a method's fallback transform handles). Paths match with
+    or without a leading ``"params"`` collection key."""
+    covered = set()
+    for m in metas:
+        for p in (m.kernel_path, m.bias_path):
+            if p is not None:
+                covered.add(tuple(p))
+                covered.add(("params",) + tuple(p))
+    flags = [p not in covered for p in tree_paths(tree)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), flags)
+
+
 def resolve_layers(
     params: Any, layers: Sequence[LayerMeta] | Mapping[str, Any] | None, kinds: Sequence[str]
 ) -> tuple[LayerMeta, ...]:

@@ -250,23 +250,6 @@ def hessian_sqrt_columns(loss: losses_lib.Loss, outputs: jax.Array, cols: jax.Ar
 # The transformation, shared by both methods.
 
 
-def _leaf_index(tree: Any) -> tuple[list, dict, Any]:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    paths = base.tree_paths(tree)
-    return leaves, {p: i for i, p in enumerate(paths)}, treedef
-
-
-def _covered_mask(tree: Any, metas: Sequence[LayerMeta]) -> Any:
-    covered = set()
-    for m in metas:
-        for p in (m.kernel_path, m.bias_path):
-            if p is not None:
-                covered.add(tuple(p))
-                covered.add(("params",) + tuple(p))
-    flags = [p not in covered for p in base.tree_paths(tree)]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), flags)
-
-
 def _check_common(damping, momentum, lm_factor, lm_thresholds, lm_model, gram_mode, bounds):
     if isinstance(damping, (int, float)) and not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping}.")
@@ -312,7 +295,9 @@ def _smw_transform(
 
     masked_fallback = None
     if fallback is not None:
-        masked_fallback = optax.masked(fallback, lambda t: _covered_mask(t, blocks_of(t)))
+        masked_fallback = optax.masked(
+            fallback, lambda t: layers_lib.uncovered_mask(t, blocks_of(t))
+        )
 
     def init_fn(params):
         dtype = base.as_float(jax.tree_util.tree_leaves(params)[0].dtype)
@@ -355,7 +340,7 @@ def _smw_transform(
             new_mom = ()
 
         metas, blocks, num = curvature(updates, dtype, extra, count)
-        leaves, index, treedef = _leaf_index(g_hat)
+        leaves, index, treedef = layers_lib.leaf_index(g_hat)
         idx = []
         mats = []
         for m in metas:
@@ -381,7 +366,7 @@ def _smw_transform(
         fb_state = state.fallback_state
         if masked_fallback is not None:
             fb_out, fb_state = masked_fallback.update(updates, state.fallback_state, params)
-            mask = _covered_mask(updates, metas)
+            mask = layers_lib.uncovered_mask(updates, metas)
             direction = jax.tree.map(
                 lambda use_fb, d, f: f.astype(dtype) if use_fb else d,
                 mask,
@@ -442,7 +427,7 @@ def _reduction_ratio(extra, params, direction, grads, g_hat, blocks, metas, num,
         pred = _tree_vdot(grads, direction)
         curv = jnp.asarray(0.0, dt)
         if blocks:
-            leaves, index, _ = _leaf_index(direction)
+            leaves, index, _ = layers_lib.leaf_index(direction)
             mats = []
             for m in metas:
                 ki = base.match_path(tuple(m.kernel_path), index)
