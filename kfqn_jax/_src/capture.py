@@ -186,6 +186,39 @@ def check_kernel_shapes(metas: dict, params: Any, get_leaf) -> None:
             )
 
 
+def grads_and_stats(
+    vjp_fn, outputs, loss, targets, rng, sampled, exact_fisher, metas, raw, probe_get
+):
+    """The backward half of a capture, shared by linen and NNX.
+
+    Given ``vjp_fn`` of the forward ``(params, probes) -> outputs``, returns ``(loss value,
+    grads, stats, sampled_grads, sampled_targets, stats_fn)``: one VJP for the training
+    targets, one for sampled targets when ``sampled`` is set, ``c`` vmapped VJPs for the
+    exact-Fisher cotangents, and ``stats_fn`` that redoes the sampled VJP on demand.
+    """
+    value, cot, cot_s, sampled_targets = loss_and_cotangents(loss, outputs, targets, rng, sampled)
+    grads, g_probes = vjp_fn(cot)
+    g_probes_s = sampled_grads = None
+    if cot_s is not None:
+        sampled_grads, g_probes_s = vjp_fn(cot_s)
+        if sampled == "grads":
+            g_probes_s = None
+        if sampled == "cotangents":
+            sampled_grads = None
+    stats = assemble_stats(metas, raw, g_probes, g_probes_s, probe_get)
+    if exact_fisher:
+        _, g_probes_e = jax.vmap(vjp_fn)(exact_cotangents(loss, outputs))
+        stats = exact_stats(stats, metas, raw, g_probes_e, probe_get)
+
+    def stats_fn():
+        if cot_s is None:
+            return stats
+        _, gps = vjp_fn(cot_s)
+        return assemble_stats(metas, raw, g_probes, gps, probe_get)
+
+    return value, grads, stats, sampled_grads, sampled_targets, stats_fn
+
+
 def loss_and_cotangents(
     loss: losses_lib.Loss, outputs: Any, targets: Any, rng: Any, sampled: Any
 ) -> tuple[jax.Array, Any, Any, Any]:

@@ -245,28 +245,9 @@ def nnx_value_grads_and_stats(
 
     metas = dict(rec.metas)
     cap.check_kernel_shapes(metas, params, _get_leaf)
-    value, cot, cot_s, sampled_targets = cap.loss_and_cotangents(
-        loss, outputs, targets, rng, sampled
+    value, grads, stats, sampled_grads, sampled_targets, stats_fn = cap.grads_and_stats(
+        vjp_fn, outputs, loss, targets, rng, sampled, exact_fisher, metas, raw, _probe_get
     )
-    grads, g_probes = vjp_fn(cot)
-    g_probes_s = sampled_grads = None
-    if cot_s is not None:
-        sampled_grads, g_probes_s = vjp_fn(cot_s)
-        if sampled == "grads":
-            g_probes_s = None
-        if sampled == "cotangents":
-            sampled_grads = None
-    stats = cap.assemble_stats(metas, raw, g_probes, g_probes_s, _probe_get)
-    if exact_fisher:
-        _, g_probes_e = jax.vmap(vjp_fn)(cap.exact_cotangents(loss, outputs))
-        stats = cap.exact_stats(stats, metas, raw, g_probes_e, _probe_get)
-
-    def stats_fn():
-        if cot_s is None:
-            return stats
-        _, gps = vjp_fn(cot_s)
-        return cap.assemble_stats(metas, raw, g_probes, gps, _probe_get)
-
     nnx.update(model, new_rest)
     aux = {"outputs": outputs, "mutated": new_rest}
     return cap.Captured(value, aux, grads, stats, sampled_grads, sampled_targets, stats_fn)
