@@ -805,3 +805,35 @@ def test_nnx_layer_outside_the_model_is_passed_through():
 
     stats = jax.eval_shape(capture, model_state, frozen_state)
     assert list(stats) == ["l1", "l2"]
+
+
+def test_stats_fn_keeps_exact_fisher_cotangents():
+    """The lazy ``stats_fn`` gives the same statistics as the eager capture, ``g_exact``
+    included, when both sampled-label and exact-Fisher cotangents are requested."""
+    model = nn.Sequential([nn.Dense(4), nn.tanh, nn.Dense(3)])
+    x = jax.random.normal(jax.random.key(0), (5, 2))
+    y = jnp.array([0, 2, 1, 1, 0])
+    params = model.init(jax.random.key(1), x)["params"]
+    loss = kfqn_jax.losses.softmax_cross_entropy()
+
+    @jax.jit
+    def run(params):
+        out = kfx.value_grads_and_stats(
+            model,
+            params,
+            x,
+            targets=y,
+            loss=loss,
+            rng=jax.random.key(2),
+            sampled="cotangents",
+            exact_fisher=True,
+        )
+        return out.stats, out.stats_fn()
+
+    eager, lazy = run(params)
+    assert sorted(eager) == sorted(lazy)
+    for name in eager:
+        for field in ("a", "g", "g_sampled", "g_exact"):
+            ref, got = getattr(eager[name], field), getattr(lazy[name], field)
+            assert ref is not None and got is not None, (name, field)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))

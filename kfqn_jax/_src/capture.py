@@ -206,6 +206,7 @@ def grads_and_stats(
         if sampled == "cotangents":
             sampled_grads = None
     stats = assemble_stats(metas, raw, g_probes, g_probes_s, probe_get)
+    g_probes_e = None
     if exact_fisher:
         _, g_probes_e = jax.vmap(vjp_fn)(exact_cotangents(loss, outputs))
         stats = exact_stats(stats, metas, raw, g_probes_e, probe_get)
@@ -214,7 +215,10 @@ def grads_and_stats(
         if cot_s is None:
             return stats
         _, gps = vjp_fn(cot_s)
-        return assemble_stats(metas, raw, g_probes, gps, probe_get)
+        lazy = assemble_stats(metas, raw, g_probes, gps, probe_get)
+        if g_probes_e is not None:
+            lazy = exact_stats(lazy, metas, raw, g_probes_e, probe_get)
+        return lazy
 
     return value, grads, stats, sampled_grads, sampled_targets, stats_fn
 
