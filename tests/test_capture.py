@@ -837,3 +837,17 @@ def test_stats_fn_keeps_exact_fisher_cotangents():
             ref, got = getattr(eager[name], field), getattr(lazy[name], field)
             assert ref is not None and got is not None, (name, field)
             np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_masked_conv_is_rejected_with_a_clear_error():
+    x = jnp.ones((2, 6, 6, 3))
+    mask = jnp.ones((3, 3, 3, 4)).at[2].set(0.0)
+    model = nn.Conv(4, (3, 3), mask=mask)
+    params = model.init(jax.random.key(0), x)["params"]
+    loss = kfqn_jax.losses.squared_error()
+    with pytest.raises(ValueError, match="mask.*not supported.*unmasked Conv"):
+        kfx.value_grads_and_stats(model, params, x, targets=jnp.zeros((2, 6, 6, 4)), loss=loss)
+
+    nmodel = nnx.Conv(3, 4, (3, 3), mask=mask, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="mask.*not supported.*unmasked Conv"):
+        kfx.nnx_value_grads_and_stats(nmodel, x, targets=jnp.zeros((2, 6, 6, 4)), loss=loss)

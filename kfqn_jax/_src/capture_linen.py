@@ -43,6 +43,13 @@ def _dense_general_axes(mod: nn.DenseGeneral, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(int(a) % ndim for a in axis))
 
 
+_MASKED_MSG = (
+    "{name}: a Conv with a kernel `mask` is not supported by the capture (its gradient is the "
+    "masked product, which the Kronecker statistics do not see). Use an unmasked Conv, or "
+    "kfqn_jax.tnt/shampoo, which need no capture."
+)
+
+
 def _prepare(mod: nn.Module, x: Any, path: tuple[str, ...]) -> tuple[Any, LayerMeta]:
     """Layer input in ``(B, T, d_in)`` form (``(B, T)`` ids for ``Embed``) and the static meta.
 
@@ -61,6 +68,8 @@ def _prepare(mod: nn.Module, x: Any, path: tuple[str, ...]) -> tuple[Any, LayerM
         )
         return ids, meta
     if isinstance(mod, nn.Conv):
+        if getattr(mod, "mask", None) is not None:
+            raise ValueError(_MASKED_MSG.format(name=name))
         a, meta = layers_lib.conv_inputs(
             x,
             name=name,
