@@ -62,3 +62,11 @@ def test_kfac_fallback_transform_gets_the_uncovered_leaves():
         np.testing.assert_allclose(upd[path[0]][path[1]], -7.0 * g, rtol=1e-6)
     # Covered leaves are preconditioned, not scaled by the fallback.
     assert not np.allclose(upd["Dense_0"]["kernel"], -7.0 * out.grads["Dense_0"]["kernel"])
+
+
+def test_default_fallback_named_per_method():
+    params = {"Dense_0": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}, "scale": jnp.ones(2)}
+    assert "optax.trace" in kfqn_jax.coverage_report(params, "kfac").fallback
+    assert "optax.ema" in kfqn_jax.coverage_report(params, "kbfgs").fallback
+    assert "over the damping" in kfqn_jax.coverage_report(params, "smw_ng").fallback
+    assert "own update" in kfqn_jax.coverage_report(params, "tnt").fallback

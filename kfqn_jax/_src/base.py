@@ -20,11 +20,13 @@ gradient reaches ``update`` as keyword-only extra arguments with the names below
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 PyTree = Any
@@ -190,7 +192,8 @@ def missing_extra_arg(method: str, name: str, fix: str) -> MissingExtraArgError:
 def stats_fix_line() -> str:
     return (
         "Capture it with kfqn_jax.flax.value_grads_and_stats and pass it on, e.g.\n"
-        "    out = kfqn_jax.flax.value_grads_and_stats(model, params, x, y, loss=loss, rng=rng)\n"
+        "    out = kfqn_jax.flax.value_grads_and_stats(model, params, x, targets=y, loss=loss,\n"
+        "                                              rng=rng, sampled='cotangents')\n"
         "    updates, opt_state = tx.update(out.grads, opt_state, params, "
         "layer_stats=out.stats)"
     )
@@ -203,3 +206,161 @@ def as_float(dtype: Any) -> Any:
     if dtype == jnp.float64:
         return jnp.float64
     return jnp.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks of hyperparameters at construction time.
+#
+# Every check skips values it cannot see: schedules (callables) where they are allowed, and
+# arrays, which ``optax.inject_hyperparams`` passes (traced) when it rebuilds the transform
+# inside ``update``.
+# ------------------------------------------------------------------------------------------------
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray))
+
+
+def check_positive(
+    method: str, name: str, value: Any, *, schedule: bool = True, fix: str = ""
+) -> None:
+    """Raises ``ValueError`` unless ``value`` is a finite number ``> 0`` (or, with
+    ``schedule``, a schedule of the step count); ``TypeError`` for a value of another type."""
+    if _is_array(value) or (schedule and callable(value)):
+        return
+    what = "a positive number" + (" or a schedule of the step count" if schedule else "")
+    if not is_number(value):
+        raise TypeError(f"{method}: {name} must be {what}, got {value!r}. {fix}".rstrip())
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{method}: {name} must be {what}, got {value!r}. {fix}".rstrip())
+
+
+def check_damping(method: str, value: Any, *, schedule: bool = True) -> None:
+    """:func:`check_positive` for ``damping``, with the usual fix in the message."""
+    check_positive(
+        method,
+        "damping",
+        value,
+        schedule=schedule,
+        fix="Damping is added to the curvature before it is inverted and must be > 0; "
+        "pass e.g. damping=1e-3 (larger values give smaller, safer steps).",
+    )
+
+
+def check_positive_int(method: str, name: str, value: Any, *, what: str = "") -> None:
+    """Raises ``ValueError`` unless ``value`` is a Python int ``>= 1`` (a static argument:
+    it sets array shapes or the Python control flow, so it cannot be traced)."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+        raise ValueError(
+            f"{method}: {name} must be a positive int (static), got {value!r}. "
+            f"Pass an int >= 1{what}; list {name} in static_args of optax.inject_hyperparams."
+        )
+
+
+def check_fraction(method: str, name: str, value: Any, *, static: bool = False) -> None:
+    """Raises ``ValueError`` unless ``0 <= value < 1`` (a decay or momentum coefficient).
+
+    With ``static`` the value must also be a Python number (it switches state buffers on/off).
+    """
+    if _is_array(value) and not static:
+        return
+    if not is_number(value) or not 0.0 <= value < 1.0:
+        kind = "a (static) number" if static else "a number"
+        raise ValueError(
+            f"{method}: {name} must be {kind} in [0, 1), got {value!r}. Use 0 to switch it "
+            "off; 1 or more would never forget old values (or let them grow without bound)."
+        )
+
+
+def check_choice(method: str, name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """Raises ``ValueError`` unless ``value`` is one of ``allowed``."""
+    if isinstance(value, str) or value is None or isinstance(value, (bool, int)):
+        ok = value in tuple(allowed)
+    else:
+        ok = False
+    if not ok:
+        options = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{method}: {name} must be one of {options}; got {value!r}.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks of the statistics at trace time.
+# ------------------------------------------------------------------------------------------------
+
+
+def check_layer_stats(method: str, layer_stats: Any) -> None:
+    """Checks that ``layer_stats`` is a dict of :class:`LayerStats` whose arrays have the shapes
+    their ``meta`` says (``a``: ``(B, T, d_in)`` or ``(B, T)`` ids; ``g``, ``g_sampled``, ``h``:
+    ``(B, T, d_out)``; ``g_exact``: ``(c, B, T, d_out)``). Raises ``TypeError`` or
+    ``ValueError`` naming the layer. Runs on shapes only (arrays, tracers or
+    ``jax.ShapeDtypeStruct``)."""
+    fix = (
+        "Pass the statistics captured for this model and these parameters, unmodified, e.g. "
+        "layer_stats=kfqn_jax.flax.value_grads_and_stats(model, params, x, ...).stats."
+    )
+    if not isinstance(layer_stats, Mapping):
+        raise TypeError(
+            f"{method}: layer_stats must be the dict of LayerStats returned in Captured.stats, "
+            f"got {type(layer_stats).__name__}. {fix}"
+        )
+    for key, s in layer_stats.items():
+        if not isinstance(s, LayerStats) or not isinstance(s.meta, LayerMeta):
+            raise TypeError(
+                f"{method}: layer_stats[{key!r}] must be a kfqn_jax.LayerStats with its meta, "
+                f"got {type(s).__name__}. {fix}"
+            )
+        m = s.meta
+        a_shape = tuple(np.shape(s.a))
+        g_shape = tuple(np.shape(s.g))
+        where = f"{method}: layer {m.name!r} (kernel {tuple(m.kernel_shape)} at {m.kernel_path})"
+        rows = 2 if m.kind == "embed" else 3
+        if len(a_shape) != rows or (rows == 3 and a_shape[-1] != m.in_features):
+            want = "(batch, positions)" if rows == 2 else f"(batch, positions, {m.in_features})"
+            raise ValueError(f"{where}: inputs `a` have shape {a_shape}, expected {want}. {fix}")
+        want_g = a_shape[:2] + (m.out_features,)
+        if g_shape != want_g:
+            raise ValueError(
+                f"{where}: output cotangents `g` have shape {g_shape}, expected {want_g} (the "
+                f"batch and positions of `a`, then the {m.out_features} outputs). {fix}"
+            )
+        for field in ("g_sampled", "h"):
+            v = getattr(s, field)
+            if v is not None and tuple(np.shape(v)) != g_shape:
+                raise ValueError(
+                    f"{where}: `{field}` has shape {tuple(np.shape(v))}, expected {g_shape} "
+                    f"(the shape of `g`). {fix}"
+                )
+        if s.g_exact is not None and tuple(np.shape(s.g_exact))[1:] != g_shape:
+            raise ValueError(
+                f"{where}: `g_exact` has shape {tuple(np.shape(s.g_exact))}, expected "
+                f"(columns,) + {g_shape}. {fix}"
+            )
+
+
+def check_tree_like(method: str, name: str, tree: Any, like: Any, like_name: str) -> list:
+    """The leaves of ``tree`` in the order of ``like``'s leaves, after checking that ``tree`` has
+    the structure and leaf shapes of ``like``; ``ValueError`` naming the first mismatch."""
+    treedef = jax.tree.structure(like)
+    try:
+        leaves = treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{method}: {name} must have the tree structure of the {like_name} "
+            f"({treedef}), got {jax.tree.structure(tree)}. Compute it from the same parameter "
+            f"tree the {like_name} come from. ({e})"
+        ) from e
+    paths = tree_paths(like)
+    for path, leaf, ref in zip(paths, leaves, jax.tree.leaves(like), strict=True):
+        if tuple(np.shape(leaf)) != tuple(np.shape(ref)):
+            raise ValueError(
+                f"{method}: {name} at {path} has shape {tuple(np.shape(leaf))}, but the "
+                f"{like_name} there have shape {tuple(np.shape(ref))}. Compute it from the "
+                f"same parameters and model."
+            )
+    return leaves

@@ -23,7 +23,9 @@ import contextlib
 from typing import Any
 
 import jax
+import jax.core
 import jax.extend
+import jax.extend.core
 import jax.numpy as jnp
 from flax import nnx
 
@@ -89,8 +91,15 @@ _TRANSFORM_MSG = (
 )
 
 
+# JAX >= 0.10 has this in jax.extend.core (jax.core's copy is deprecated there); JAX 0.9 has
+# it only in jax.core.
+_get_opaque_trace_state = getattr(jax.extend.core, "get_opaque_trace_state", None) or (
+    jax.core.get_opaque_trace_state
+)
+
+
 def _trace_state() -> Any:
-    return jax.extend.core.get_opaque_trace_state(convention="nnx")
+    return _get_opaque_trace_state(convention="nnx")
 
 
 class _Recorder:

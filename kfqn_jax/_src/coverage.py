@@ -77,6 +77,16 @@ class CoverageReport:
         return "\n".join(lines)
 
 
+# What each method does by default with parameters outside its blocks (its ``fallback=None``).
+_DEFAULT_FALLBACKS = {
+    "kfac": "momentum SGD (optax.trace)",
+    "kbfgs": "the EMA of the gradient (optax.ema, as the K-BFGS code's momentum)",
+    "kbfgs_l": "the EMA of the gradient (optax.ema, as the K-BFGS code's momentum)",
+    "smw_ng": "the gradient over the damping (zero curvature outside the blocks)",
+    "smw_gn": "the gradient over the damping (zero curvature outside the blocks)",
+}
+
+
 def coverage_report(
     params: Any,
     method: str = "kfac",
@@ -91,9 +101,9 @@ def coverage_report(
       layers: what the method was given as ``layers=`` (metas from
         :func:`kfqn_jax.flax.layer_metas`, or a captured stats dict); ``None`` uses the same
         guess from parameter names as the methods.
-      fallback: a description of the fallback transform, for the printout. The default for
-        the layer-based methods is plain momentum SGD (``optax.trace``), as the papers treat
-        BatchNorm parameters.
+      fallback: a description of the fallback transform, for the printout. Default: what the
+        method does with ``fallback=None``: momentum SGD (``optax.trace``) for KFAC, as the
+        papers treat BatchNorm parameters; the gradient EMA for K-BFGS; ``g / λ`` for SMW.
 
     Returns:
       A :class:`CoverageReport`; ``print`` it for a table.
@@ -127,5 +137,5 @@ def coverage_report(
         else:
             why = "no Dense/Conv kernel" if p and p[-1] != "kernel" else "layer not captured"
             rows.append(CoverageRow(name, shape, None, why))
-    default_fb = "the method's own update" if kinds is None else "momentum SGD (optax.trace)"
+    default_fb = _DEFAULT_FALLBACKS.get(method, "the method's own update")
     return CoverageReport(method, tuple(rows), fallback or default_fb)

@@ -49,7 +49,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from kfqn_jax._src import base, ggn, linalg
+from kfqn_jax._src import base, ggn, linalg, safety
 
 PyTree = Any
 
@@ -69,8 +69,10 @@ class ScaleByHessianFreeState(NamedTuple):
     """State of :func:`scale_by_hessian_free`.
 
     Attributes:
-      count: number of steps taken (int32).
-      damping: the Levenberg-Marquardt damping ``λ`` for the next step.
+      count: number of steps taken (int32); a skipped step (see ``on_nonfinite``) does not
+        count.
+      nonfinite_count: number of steps skipped because of non-finite values (int32).
+      damping: the Levenberg-Marquardt damping ``λ`` for the next step, in [1e-8, 1e8].
       direction: the last CG iterate of the previous step (its solution before backtracking),
         the warm start of the next CG run after decay; float32 (float64 with float64 params).
       cg_iters: CG iterations of the last step (for block-diagonal HF, of the slowest block).
@@ -79,6 +81,7 @@ class ScaleByHessianFreeState(NamedTuple):
     """
 
     count: jax.Array
+    nonfinite_count: jax.Array
     damping: jax.Array
     direction: PyTree
     cg_iters: jax.Array
@@ -102,6 +105,10 @@ class BlockCGResult(NamedTuple):
     block_iters: jax.Array
     stored: PyTree
     num_stored: jax.Array
+
+
+# Loss differences within this many ulps count as ties in CG-iterate backtracking.
+_TIE_ULPS = 8
 
 
 def backtrack_grid(max_iters: int) -> tuple[int, ...]:
@@ -276,6 +283,7 @@ def scale_by_hessian_free(
     precondition: bool = False,
     precond_exponent: float = 0.75,
     weight_decay: float = 0.0,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """Hessian-free direction (full or block-diagonal GGN); no learning rate.
 
@@ -287,7 +295,8 @@ def scale_by_hessian_free(
 
     Args:
       damping: initial Levenberg-Marquardt damping ``λ_0``, adapted every step from the
-        reduction ratio (×3/2 below 1/4, ×2/3 above 3/4; kept in [1e-8, 1e8]). Martens' demo
+        reduction ratio (×3/2 below 1/4, ×2/3 above 3/4; kept in [1e-8, 1e8], ``λ_0``
+        included: 1e-8 is the damping floor). Martens' demo
         starts at 45 for losses summed over outputs and averaged over examples.
       blocks: ``"all"`` (plain HF), ``"layer"`` (one block per Flax module: a layer's kernel
         and bias), ``"leaf"``, or a function ``(path, shape) -> label`` (see
@@ -296,7 +305,9 @@ def scale_by_hessian_free(
       max_cg_iters: CG iteration cap (static). Martens: 250.
       progress_tol: ``ε`` of Martens' relative-progress stopping rule (5e-4).
       warm_start_decay: CG starts from this times the previous step's CG solution (0.95).
-      backtracking: pick among the CG iterates at ``⌈5 · 1.3^j⌉`` by ``loss_fn`` (Martens).
+      backtracking: pick among the CG iterates at ``⌈5 · 1.3^j⌉`` by ``loss_fn`` (Martens);
+        an earlier iterate must be better by more than 8 ulps of the loss (rounding ties go to
+        the later one).
         Costs one ``loss_fn`` evaluation per iterate visited.
       line_search: Armijo backtracking on the chosen iterate (``c = 1e-2``, shrink 0.8, at most
         60 times, else the step is rejected).
@@ -307,6 +318,7 @@ def scale_by_hessian_free(
       weight_decay: L2 coefficient ``τ``: the objective is ``loss_fn(θ) + τ/2 ||θ||²``, whose
         gradient term ``τ θ`` and curvature ``τ I`` are added here (do not also chain
         ``optax.add_decayed_weights``).
+      ON_NONFINITE
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params, *,
@@ -324,31 +336,30 @@ def scale_by_hessian_free(
       ``updates`` come back in the parameter dtype; the curvature work runs in float32
       (float64 for float64 parameters).
     """
-    method = "hessian_free" if blocks == "all" else "block_hessian_free"
-    if not isinstance(max_cg_iters, int) or isinstance(max_cg_iters, bool) or max_cg_iters < 1:
-        raise ValueError(f"max_cg_iters must be a positive int (static), got {max_cg_iters!r}.")
+    full = isinstance(blocks, str) and blocks == "all"
+    method = "hessian_free" if full else "block_hessian_free"
+    base.check_positive_int(method, "max_cg_iters", max_cg_iters)
     if not (blocks in ("all", "layer", "leaf") or callable(blocks)):
         raise ValueError(
-            f"blocks must be 'all', 'layer', 'leaf' or a function (path, shape) -> label, got "
-            f"{blocks!r}."
+            f"{method}: blocks must be 'all', 'layer', 'leaf' or a function (path, shape) -> "
+            f"label, got {blocks!r}."
         )
     for name, v in (
-        ("damping", damping),
         ("progress_tol", progress_tol),
         ("warm_start_decay", warm_start_decay),
         ("weight_decay", weight_decay),
     ):
-        if isinstance(v, (int, float)) and v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}.")
-    if isinstance(damping, (int, float)) and not damping > 0:
-        raise ValueError(f"damping must be > 0, got {damping}.")
+        if base.is_number(v) and not v >= 0:
+            raise ValueError(f"{method}: {name} must be >= 0, got {v!r}.")
+    base.check_damping(method, damping, schedule=False)
     grid = backtrack_grid(max_cg_iters) if backtracking else ()
 
     def init_fn(params):
         dtype = base.as_float(jax.tree.leaves(params)[0].dtype)
         return ScaleByHessianFreeState(
             count=jnp.zeros([], jnp.int32),
-            damping=jnp.asarray(damping, dtype),
+            nonfinite_count=jnp.zeros([], jnp.int32),
+            damping=jnp.clip(jnp.asarray(damping, dtype), _MIN_DAMPING, _MAX_DAMPING),
             direction=jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params),
             cg_iters=jnp.zeros([], jnp.int32),
             step_size=jnp.zeros([], dtype),
@@ -383,6 +394,8 @@ def scale_by_hessian_free(
                 "    per_ex = jax.vmap(jax.grad(example_loss), (None, 0, 0))(params, x, y)\n"
                 "    sq_grads = jax.tree.map(lambda a: jnp.mean(a**2, 0), per_ex)",
             )
+        if precondition:
+            base.check_tree_like(method, SQ_GRADS, sq_grads, params, "parameters")
 
         dtype = state.damping.dtype
         cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, dtype), t)  # noqa: E731
@@ -443,7 +456,10 @@ def scale_by_hessian_free(
             def bt_body(c):
                 j, cur, f_cur, _ = c
                 f_j = objective(jax.tree.map(lambda a: a[j], res.stored))
-                better = f_j <= f_cur
+                # Strictly better by more than a few ulps: a tie within rounding goes to the
+                # later (more converged) iterate, so the choice does not flip with the order
+                # of summation (a batch sharded across devices, another JAX version).
+                better = f_j < f_cur - _TIE_ULPS * jnp.finfo(dtype).eps * jnp.abs(f_cur)
                 cur = jnp.where(better, j, cur).astype(jnp.int32)
                 return j - 1, cur, jnp.where(better, f_j, f_cur), ~better
 
@@ -502,6 +518,7 @@ def scale_by_hessian_free(
         keep = linalg.is_finite(final)
         new_state = ScaleByHessianFreeState(
             count=optax.safe_increment(state.count),
+            nonfinite_count=state.nonfinite_count,
             damping=new_lam.astype(dtype),
             direction=jax.tree.map(lambda f: jnp.where(keep, f, 0.0), final),
             cg_iters=res.iters,
@@ -509,7 +526,13 @@ def scale_by_hessian_free(
         )
         return out, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    guarded = safety.guard_nonfinite(update_fn, on_nonfinite, method, (SQ_GRADS,), init_fn=init_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, guarded)
+
+
+scale_by_hessian_free.__doc__ = scale_by_hessian_free.__doc__.replace(
+    "ON_NONFINITE", safety.ON_NONFINITE_DOC
+)
 
 
 def _with_lr(inner, learning_rate):
@@ -528,6 +551,7 @@ def hessian_free(
     precondition: bool = False,
     precond_exponent: float = 0.75,
     weight_decay: float = 0.0,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """Hessian-free optimization (Martens 2010): CG on the damped Gauss-Newton model.
 
@@ -536,7 +560,9 @@ def hessian_free(
     ratio and line search assume ``α = 1``), ``η`` the Armijo step, ``λ`` the adaptive damping
     starting at ``damping`` and ``τ = weight_decay``. See :func:`scale_by_hessian_free` for
     every argument and the extra args. Defaults follow Martens' demo code except the initial
-    damping (his 45 suits losses summed over many outputs).
+    damping (his 45 suits losses summed over many outputs). ``on_nonfinite`` (``"skip"``,
+    ``"raise"`` or ``"ignore"``) says what a step with NaN or infinite gradients or results
+    does; by default it is skipped and counted in ``nonfinite_count`` of the state.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
@@ -572,6 +598,7 @@ def hessian_free(
             precondition=precondition,
             precond_exponent=precond_exponent,
             weight_decay=weight_decay,
+            on_nonfinite=on_nonfinite,
         ),
         learning_rate,
     )
@@ -590,6 +617,7 @@ def block_hessian_free(
     precondition: bool = False,
     precond_exponent: float = 0.75,
     weight_decay: float = 0.0,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """Block-diagonal Hessian-free (Zhang et al. 2017): independent CG per block.
 
@@ -609,6 +637,8 @@ def block_hessian_free(
     Defaults chosen here (the paper's constants are not public, ALGORITHMS.md §5):
     ``max_cg_iters = 50`` (blocks are smaller and better conditioned than the full system,
     and each iteration costs ``K`` GGN products) and Martens' values for everything else.
+    Steps with non-finite values are skipped and counted (``on_nonfinite``, as in
+    :func:`hessian_free`).
 
     References:
       Zhang, Xiong, Bradbury & Socher, `Block-diagonal Hessian-free optimization for
@@ -630,6 +660,7 @@ def block_hessian_free(
             precondition=precondition,
             precond_exponent=precond_exponent,
             weight_decay=weight_decay,
+            on_nonfinite=on_nonfinite,
         ),
         learning_rate,
     )

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from kfqn_jax._src import base, linalg
+from kfqn_jax._src import base, linalg, safety
 from kfqn_jax._src import bfgs as bfgs_lib
 from kfqn_jax._src import layers as layers_lib
 from kfqn_jax._src.kfac import match_stats
@@ -68,7 +68,9 @@ class ScaleByKBFGSState(NamedTuple):
     """State of :func:`scale_by_kbfgs` and :func:`scale_by_kbfgs_l`.
 
     Attributes:
-      count: number of steps taken (int32).
+      count: number of steps taken (int32); a skipped step (see ``on_nonfinite``) does not
+        count.
+      nonfinite_count: number of steps skipped because of non-finite values (int32).
       a_count: number of batches folded into ``a_factors`` (int32), warm start included.
       a_factors: per block, the EMA of ``A`` (``d_a x d_a``); ``()`` with
         ``a_statistic="minibatch"``, which never stores ``A``.
@@ -86,6 +88,7 @@ class ScaleByKBFGSState(NamedTuple):
     """
 
     count: jax.Array
+    nonfinite_count: jax.Array
     a_count: jax.Array
     a_factors: tuple
     h_a: tuple
@@ -127,6 +130,25 @@ def _means(stats: base.LayerStats, dtype: Any, name: str) -> tuple[jax.Array, ja
     return h_mean, g_mean
 
 
+def _mean_differences(
+    old: base.LayerStats, new: base.LayerStats, dtype: Any, name: str
+) -> tuple[jax.Array, jax.Array]:
+    """The pair ``(s, y)`` of two passes on the same batch: batch-and-position means of the
+    per-example differences of the pre-activations and of the per-example gradients.
+
+    Subtracting before averaging keeps the rounding error relative to the (small) differences
+    instead of the means, so ``s`` and ``y`` do not depend on the order of summation (one
+    device, a permuted batch, or a batch sharded across devices).
+    """
+    _means(new, dtype, name)  # the check that the trial pass recorded pre-activations
+    b = old.g.shape[0]
+    dh = old.h.astype(dtype) - new.h.astype(dtype)
+    dg = old.g.astype(dtype) - new.g.astype(dtype)
+    s = jnp.mean(dh.reshape(-1, dh.shape[-1]), axis=0)
+    y = b * jnp.mean(dg.reshape(-1, dg.shape[-1]), axis=0)
+    return s, y
+
+
 def _scale_by_kbfgs(
     name: str,
     limited: bool,
@@ -147,6 +169,7 @@ def _scale_by_kbfgs(
     max_growth: float | None,
     layers: Any,
     fallback: optax.GradientTransformation | None,
+    on_nonfinite: str,
 ) -> optax.GradientTransformationExtraArgs:
     for arg, v, allowed in (
         ("extra_pass", extra_pass, _EXTRA_PASSES),
@@ -154,20 +177,20 @@ def _scale_by_kbfgs(
         ("a_side", a_side, _A_SIDES),
         ("a_statistic", a_statistic, _A_STATISTICS),
     ):
-        if v not in allowed:
-            raise ValueError(f"{name}: {arg} must be one of {allowed}, got {v!r}.")
-    for arg, v in (("inverse_every", inverse_every), ("memory_size", memory_size)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}: {arg} must be a positive int (static), got {v!r}.")
+        base.check_choice(name, arg, v, allowed)
+    base.check_positive_int(name, "inverse_every", inverse_every)
+    base.check_positive_int(name, "memory_size", memory_size)
     for arg, v in (("ema_decay", ema_decay), ("pair_decay", pair_decay), ("momentum", momentum)):
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"{name}: {arg} must be in [0, 1), got {v}.")
-    if not 0.0 < powell_mu < 1.0:
-        raise ValueError(f"{name}: powell_mu must be in (0, 1), got {powell_mu}.")
-    if isinstance(damping, (int, float)) and not damping > 0:
-        raise ValueError(f"{name}: damping must be > 0, got {damping}.")
-    if max_growth is not None and not max_growth > 1.0:
-        raise ValueError(f"{name}: max_growth must be None or > 1, got {max_growth}.")
+        base.check_fraction(name, arg, v, static=True)
+    if not (base.is_number(powell_mu) and 0.0 < powell_mu < 1.0):
+        raise ValueError(
+            f"{name}: powell_mu must be a number in (0, 1), got {powell_mu!r}; the authors use 0.2."
+        )
+    base.check_damping(name, damping)
+    if max_growth is not None and not (base.is_number(max_growth) and max_growth > 1.0):
+        raise ValueError(
+            f"{name}: max_growth must be None or a number > 1, got {max_growth!r}; e.g. 2."
+        )
     if fallback is None:
         fallback = optax.ema(decay=momentum, debias=False) if momentum > 0 else optax.identity()
 
@@ -191,6 +214,7 @@ def _scale_by_kbfgs(
         lagged = extra_pass == "lagged"
         return ScaleByKBFGSState(
             count=jnp.zeros([], jnp.int32),
+            nonfinite_count=jnp.zeros([], jnp.int32),
             a_count=jnp.zeros([], jnp.int32),
             a_factors=(
                 tuple(jnp.zeros((n, n), dtype) for n in a_dims) if a_statistic == "ema" else ()
@@ -259,6 +283,7 @@ def _scale_by_kbfgs(
                 "tx.update(grads, opt_state, params, ...)."
             )
         metas = blocks(updates)
+        base.check_layer_stats(name, layer_stats)
         stats = match_stats(name, metas, layer_stats)
         dtype = state.h_a[0].dtype if metas else jnp.float32
         count = state.count
@@ -360,17 +385,18 @@ def _scale_by_kbfgs(
             trial = jax.tree.map(
                 lambda p, u: (p - alpha.astype(p.dtype) * u).astype(p.dtype), params, new_updates
             )
-            trial_stats = match_stats(name, metas, stats_fn(trial))
+            trial_raw = stats_fn(trial)
+            base.check_layer_stats(name, trial_raw)
+            trial_stats = match_stats(name, metas, trial_raw)
             for i, ts in enumerate(trial_stats):
-                h_new, g_new = _means(ts, dtype, name)
-                h_old, g_old = means[i]
+                s_pair, y_pair = _mean_differences(stats[i], ts, dtype, name)
                 h_g[i], s_bar[i], y_bar[i] = g_side(
                     h_g[i],
                     s_bar[i],
                     y_bar[i],
-                    h_old - h_new,
-                    g_old - g_new,
-                    jnp.linalg.norm(g_old),
+                    s_pair,
+                    y_pair,
+                    jnp.linalg.norm(means[i][1]),
                     mu2[i],
                     jnp.asarray(True),
                 )
@@ -395,6 +421,7 @@ def _scale_by_kbfgs(
 
         new_state = ScaleByKBFGSState(
             count=optax.safe_increment(count),
+            nonfinite_count=state.nonfinite_count,
             a_count=a_count,
             a_factors=a_f,
             h_a=tuple(h_a),
@@ -408,7 +435,10 @@ def _scale_by_kbfgs(
         )
         return new_updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    guarded = safety.guard_nonfinite(
+        update_fn, on_nonfinite, name, (base.LAYER_STATS,), init_fn=init_fn
+    )
+    return optax.GradientTransformationExtraArgs(init_fn, guarded)
 
 
 _COMMON_ARGS_DOC = """
@@ -457,7 +487,8 @@ _COMMON_ARGS_DOC = """
       layers: the blocks: ``None`` guesses them from the parameter names, or a sequence of
         :class:`LayerMeta` from :func:`kfqn_jax.flax.layer_metas` (exact).
       fallback: transform for parameters outside any block. Default: the same EMA momentum
-        (``optax.ema(momentum, debias=False)``)."""
+        (``optax.ema(momentum, debias=False)``).
+      ON_NONFINITE""".replace("ON_NONFINITE", safety.ON_NONFINITE_DOC)
 
 
 def scale_by_kbfgs(
@@ -478,6 +509,7 @@ def scale_by_kbfgs(
     max_growth: float | None = None,
     layers: Any = None,
     fallback: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions Dense and Conv layers with K-BFGS (dense :math:`H_g`); no learning rate.
 
@@ -516,6 +548,7 @@ def scale_by_kbfgs(
         max_growth,
         layers,
         fallback,
+        on_nonfinite,
     )
 
 
@@ -537,6 +570,7 @@ def scale_by_kbfgs_l(
     skip_eps: float = 1e-4,
     layers: Any = None,
     fallback: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions Dense and Conv layers with K-BFGS(L) (L-BFGS :math:`H_g`); no learning rate.
 
@@ -574,6 +608,7 @@ def scale_by_kbfgs_l(
         None,
         layers,
         fallback,
+        on_nonfinite,
     )
 
 
@@ -627,6 +662,7 @@ def kbfgs(
     max_growth: float | None = None,
     layers: Any = None,
     fallback: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """K-BFGS with a learning rate: ``chain([add_decayed_weights], scale_by_kbfgs,
     scale_by_learning_rate)``.
@@ -638,6 +674,10 @@ def kbfgs(
     arguments are accepted here (``trial_step_size`` is set to ``learning_rate``). List
     ``inverse_every``, ``momentum``, ``ema_decay``, ``pair_decay`` and ``weight_decay`` in
     ``static_args`` of ``optax.inject_hyperparams``.
+
+    ``on_nonfinite`` (``"skip"``, ``"raise"`` or ``"ignore"``) says what a step with NaN or
+    infinite gradients, statistics or results does; by default it is skipped and counted in
+    ``nonfinite_count`` of the state (see :func:`scale_by_kbfgs`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
@@ -672,6 +712,7 @@ def kbfgs(
         max_growth=max_growth,
         layers=layers,
         fallback=fallback,
+        on_nonfinite=on_nonfinite,
     )
     return _chain(weight_decay, inner, learning_rate)
 
@@ -695,12 +736,15 @@ def kbfgs_l(
     skip_eps: float = 1e-4,
     layers: Any = None,
     fallback: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """K-BFGS(L) with a learning rate: ``chain([add_decayed_weights], scale_by_kbfgs_l,
     scale_by_learning_rate)``.
 
     As :func:`kbfgs`, with :math:`H_g` an L-BFGS matrix of ``memory_size`` pairs (``L``, static)
     and the keyword arguments of :func:`scale_by_kbfgs_l`.
+    Steps with non-finite values are skipped and counted (``on_nonfinite``, as in
+    :func:`kbfgs`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
@@ -732,6 +776,7 @@ def kbfgs_l(
         skip_eps=skip_eps,
         layers=layers,
         fallback=fallback,
+        on_nonfinite=on_nonfinite,
     )
     return _chain(weight_decay, inner, learning_rate)
 

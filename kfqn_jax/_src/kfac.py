@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from kfqn_jax._src import base, linalg
+from kfqn_jax._src import base, linalg, safety
 from kfqn_jax._src import layers as layers_lib
 from kfqn_jax._src.base import LayerMeta, LayerStats
 
@@ -37,7 +37,9 @@ class ScaleByKFACState(NamedTuple):
     """State of :func:`scale_by_kfac`.
 
     Attributes:
-      count: number of steps taken (int32).
+      count: number of steps taken (int32); a skipped step (see ``on_nonfinite``) does not
+        count.
+      nonfinite_count: number of steps skipped because of non-finite values (int32).
       stats_count: number of statistics updates folded into the factors (int32), including
         warm-start batches.
       a_factors: per block, the EMA of ``A`` (``(d_in (+1))^2``), in block order.
@@ -49,6 +51,7 @@ class ScaleByKFACState(NamedTuple):
     """
 
     count: jax.Array
+    nonfinite_count: jax.Array
     stats_count: jax.Array
     a_factors: tuple
     g_factors: tuple
@@ -168,6 +171,7 @@ def scale_by_kfac(
     momentum: float = 0.9,
     layers: Any = None,
     fallback: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions Dense and Conv kernels with KFAC; no learning rate (see :func:`kfac`).
 
@@ -201,6 +205,12 @@ def scale_by_kfac(
       fallback: transform for parameters outside any block (norm scales, embeddings, unknown
         layers). Default: ``optax.trace(momentum)`` (plain momentum SGD), as the papers treat
         BatchNorm parameters.
+      on_nonfinite: what a step does when the gradients, the statistics or the updates and
+        state it produces hold a NaN or an infinity: ``"skip"`` (default) returns zero updates
+        and the previous state with ``nonfinite_count`` incremented (``count`` does not
+        advance); ``"raise"`` raises a ``FloatingPointError`` from the device (under ``jit``,
+        surfaced as a ``jax.errors.JaxRuntimeError`` carrying that message); ``"ignore"``
+        does not check.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
@@ -209,21 +219,13 @@ def scale_by_kfac(
       steps). Pass ``warm_start=True`` to fold a batch into the factors
       (arithmetic mean) without taking a step.
     """
-    if fisher not in ("true", "empirical", "exact"):
-        raise ValueError(f"fisher must be 'true', 'empirical' or 'exact', got {fisher!r}.")
-    if inverse_schedule not in ("all", "staggered"):
-        raise ValueError(
-            f"inverse_schedule must be 'all' or 'staggered', got {inverse_schedule!r}."
-        )
-    for name, v in (("stats_every", stats_every), ("inverse_every", inverse_every)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int (static), got {v!r}.")
-    if not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
-    if isinstance(damping, (int, float)) and not damping > 0:
-        raise ValueError(f"damping must be > 0, got {damping}.")
+    base.check_choice("kfac", "fisher", fisher, ("true", "empirical", "exact"))
+    base.check_choice("kfac", "inverse_schedule", inverse_schedule, ("all", "staggered"))
+    base.check_positive_int("kfac", "stats_every", stats_every)
+    base.check_positive_int("kfac", "inverse_every", inverse_every)
+    base.check_fraction("kfac", "ema_decay", ema_decay, static=True)
+    base.check_fraction("kfac", "momentum", momentum, static=True)
+    base.check_damping("kfac", damping)
     if fallback is None:
         fallback = optax.trace(decay=momentum) if momentum > 0 else optax.identity()
 
@@ -246,6 +248,7 @@ def scale_by_kfac(
             mom = tuple(jnp.zeros((da, dg), dtype) for da, dg in zip(a_dims, g_dims, strict=True))
         return ScaleByKFACState(
             count=jnp.zeros([], jnp.int32),
+            nonfinite_count=jnp.zeros([], jnp.int32),
             stats_count=jnp.zeros([], jnp.int32),
             a_factors=tuple(zeros(n) for n in a_dims),
             g_factors=tuple(zeros(n) for n in g_dims),
@@ -263,6 +266,7 @@ def scale_by_kfac(
         # A callable is evaluated lazily, inside the statistics branch (Captured.stats_fn).
         lazy = callable(layer_stats)
         shapes = jax.eval_shape(layer_stats) if lazy else layer_stats
+        base.check_layer_stats("kfac", shapes)
         stats = match_stats("kfac", metas, shapes)
         for s in stats:
             if fisher == "true" and s.g_sampled is None:
@@ -376,6 +380,7 @@ def scale_by_kfac(
         new_updates = jax.tree_util.tree_unflatten(treedef, leaves)
         new_state = ScaleByKFACState(
             count=optax.safe_increment(count),
+            nonfinite_count=state.nonfinite_count,
             stats_count=n_stats,
             a_factors=a_f,
             g_factors=g_f,
@@ -386,7 +391,10 @@ def scale_by_kfac(
         )
         return new_updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    guarded = safety.guard_nonfinite(
+        update_fn, on_nonfinite, "kfac", (base.LAYER_STATS,), init_fn=init_fn
+    )
+    return optax.GradientTransformationExtraArgs(init_fn, guarded)
 
 
 def kfac(
@@ -403,6 +411,7 @@ def kfac(
     momentum: float = 0.9,
     layers: Any = None,
     fallback: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """KFAC with a learning rate: ``chain([add_decayed_weights], scale_by_kfac,
     scale_by_learning_rate)``.
@@ -412,7 +421,9 @@ def kfac(
     gradient before preconditioning, as in the papers) and the other symbols as in
     :func:`scale_by_kfac`, whose keyword arguments are accepted here. The step-count
     arguments (``stats_every``, ``inverse_every``) are static: list them in ``static_args``
-    of ``optax.inject_hyperparams``.
+    of ``optax.inject_hyperparams``. With ``on_nonfinite="skip"`` (default) a step with NaN
+    or infinite gradients, statistics or results is skipped and counted in
+    ``nonfinite_count`` of the state.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
@@ -449,6 +460,7 @@ def kfac(
             momentum=momentum,
             layers=layers,
             fallback=fallback,
+            on_nonfinite=on_nonfinite,
         )
     )
     parts.append(optax.scale_by_learning_rate(learning_rate))

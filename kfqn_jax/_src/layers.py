@@ -145,7 +145,8 @@ def split_homogeneous(mat: Array, meta: LayerMeta) -> tuple[Array, Array | None]
 
 def append_ones(a: Array) -> Array:
     """``[a, 1]`` along the last axis."""
-    return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+    # ones_like of a slice keeps ``a``'s sharding (a batch-sharded input stays sharded).
+    return jnp.concatenate([a, jnp.ones_like(a[..., :1])], axis=-1)
 
 
 def inputs_matrix(stats: LayerStats, homogeneous: bool | None = None) -> Array:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from kfqn_jax._src import base, linalg
+from kfqn_jax._src import base, linalg, safety
 from kfqn_jax._src import tnt as tnt_lib
 
 
@@ -38,7 +38,9 @@ class ScaleByShampooState(NamedTuple):
     """State of :func:`scale_by_shampoo`.
 
     Attributes:
-      count: number of steps taken (int32).
+      count: number of steps taken (int32); a skipped step (see ``on_nonfinite``) does not
+        count.
+      nonfinite_count: number of steps skipped because of non-finite values (int32).
       stats_count: number of statistics updates (int32).
       factors: the tree of the parameters with, at each leaf, the tuple of per-mode statistics
         ``L_i`` (``d_i × d_i``, or the diagonal ``(d_i,)`` above ``max_dim``).
@@ -48,6 +50,7 @@ class ScaleByShampooState(NamedTuple):
     """
 
     count: jax.Array
+    nonfinite_count: jax.Array
     stats_count: jax.Array
     factors: Any
     preconditioners: Any
@@ -92,6 +95,7 @@ def scale_by_shampoo(
         "filter_flattening"
     ),
     max_dim: int | None = 4096,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions every parameter with Shampoo; no learning rate (see :func:`shampoo`).
 
@@ -126,21 +130,18 @@ def scale_by_shampoo(
         Shampoo has none). It sees the gradient in float32 (float64 with float64 parameters).
       reshape: modes of each leaf, as for TNT (see :func:`kfqn_jax._src.tnt.mode_sizes`).
       max_dim: modes larger than this keep a diagonal statistic (static; ``None``: no cap).
+      ON_NONFINITE
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` needing no extra argument.
     """
-    if root_method not in ("eigh", "newton"):
-        raise ValueError(f"root_method must be 'eigh' or 'newton', got {root_method!r}.")
-    if root_order is not None and (
-        not isinstance(root_order, int) or isinstance(root_order, bool) or root_order < 1
-    ):
-        raise ValueError(f"root_order must be None or a positive int, got {root_order!r}.")
-    tnt_lib.check_period("stats_every", stats_every)
-    tnt_lib.check_period("inverse_every", inverse_every)
-    tnt_lib.check_common(0.0 if ema_decay is None else ema_decay, momentum, max_dim, reshape)
-    if isinstance(damping, (int, float)) and not damping > 0:
-        raise ValueError(f"damping must be > 0, got {damping}.")
+    base.check_choice("shampoo", "root_method", root_method, ("eigh", "newton"))
+    if root_order is not None:
+        base.check_positive_int("shampoo", "root_order", root_order, what=" or None (2k)")
+    base.check_positive_int("shampoo", "stats_every", stats_every)
+    base.check_positive_int("shampoo", "inverse_every", inverse_every)
+    tnt_lib.check_common("shampoo", ema_decay, momentum, max_dim, reshape)
+    base.check_damping("shampoo", damping)
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
@@ -159,6 +160,7 @@ def scale_by_shampoo(
             )
         return ScaleByShampooState(
             count=jnp.zeros([], jnp.int32),
+            nonfinite_count=jnp.zeros([], jnp.int32),
             stats_count=jnp.zeros([], jnp.int32),
             factors=treedef.unflatten([tnt_lib.init_factors(lo, dt, "zeros") for lo, dt in pairs]),
             preconditioners=treedef.unflatten(
@@ -243,6 +245,7 @@ def scale_by_shampoo(
         out = [d.astype(g.dtype) for d, g in zip(dirs, leaves, strict=True)]
         new_state = ScaleByShampooState(
             count=optax.safe_increment(count),
+            nonfinite_count=state.nonfinite_count,
             stats_count=n_stats,
             factors=treedef.unflatten([tuple(f) for f in factors]),
             preconditioners=treedef.unflatten(new_precs),
@@ -251,7 +254,11 @@ def scale_by_shampoo(
         )
         return treedef.unflatten(out), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    guarded = safety.guard_nonfinite(update_fn, on_nonfinite, "shampoo", init_fn=init_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, guarded)
+
+
+scale_by_shampoo.__doc__ = scale_by_shampoo.__doc__.replace("ON_NONFINITE", safety.ON_NONFINITE_DOC)
 
 
 def shampoo(
@@ -273,6 +280,7 @@ def shampoo(
         "filter_flattening"
     ),
     max_dim: int | None = 4096,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Shampoo with a learning rate and decoupled weight decay.
 
@@ -282,7 +290,10 @@ def shampoo(
     The TNT authors' settings: MNIST autoencoder ``lr 3e-4, ε 3e-4, T₂ 20``; CIFAR-10
     ``lr 0.01, ε 0.01, τ 0.1``. ``stats_every``, ``inverse_every``, ``momentum``,
     ``root_order``, ``newton_iters`` and ``max_dim`` are static for
-    ``optax.inject_hyperparams``.
+    ``optax.inject_hyperparams``. ``on_nonfinite`` (``"skip"``, ``"raise"`` or ``"ignore"``)
+    says what a step with NaN or infinite gradients or results does; by default it is skipped
+    (zero direction; the decoupled weight decay still applies) and counted in
+    ``nonfinite_count`` of the state.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -317,6 +328,7 @@ def shampoo(
             graft=graft,
             reshape=reshape,
             max_dim=max_dim,
+            on_nonfinite=on_nonfinite,
         )
     ]
     if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):

@@ -73,7 +73,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kfqn_jax._src import base, linalg
+from kfqn_jax._src import base, linalg, safety
 from kfqn_jax._src import layers as layers_lib
 from kfqn_jax._src import losses as losses_lib
 from kfqn_jax._src.base import LayerMeta, LayerStats
@@ -92,8 +92,11 @@ class ScaleBySMWState(NamedTuple):
     """State of :func:`scale_by_smw_ng` and :func:`scale_by_smw_gn`.
 
     Attributes:
-      count: number of steps taken (int32).
-      damping: the current Levenberg-Marquardt damping ``λ`` (scalar, float32 or float64).
+      count: number of steps taken (int32); a skipped step (see ``on_nonfinite``) does not
+        count.
+      nonfinite_count: number of steps skipped because of non-finite values (int32).
+      damping: the current Levenberg-Marquardt damping ``λ`` (scalar, float32 or float64),
+        kept within ``damping_bounds``.
       rho: the last reduction ratio ``ρ`` (0 before the first step and without LM; a rising
         loss, ``ρ = -∞``, is stored as the most negative finite float so the state stays
         finite).
@@ -103,6 +106,7 @@ class ScaleBySMWState(NamedTuple):
     """
 
     count: jax.Array
+    nonfinite_count: jax.Array
     damping: jax.Array
     rho: jax.Array
     momentum: Any
@@ -250,25 +254,31 @@ def hessian_sqrt_columns(loss: losses_lib.Loss, outputs: jax.Array, cols: jax.Ar
 # The transformation, shared by both methods.
 
 
-def _check_common(damping, momentum, lm_factor, lm_thresholds, lm_model, gram_mode, bounds):
-    if isinstance(damping, (int, float)) and not damping > 0:
-        raise ValueError(f"damping must be > 0, got {damping}.")
-    if isinstance(momentum, (int, float)) and not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
-    if isinstance(lm_factor, (int, float)) and not lm_factor >= 1.0:
-        raise ValueError(f"lm_factor must be >= 1, got {lm_factor}.")
-    lo, hi = lm_thresholds
-    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and not lo <= hi:
+def _check_common(
+    method, damping, momentum, lm_factor, lm_thresholds, lm_model, gram_mode, bounds, cbatch
+):
+    base.check_damping(method, damping)
+    base.check_fraction(method, "momentum", momentum)
+    if base.is_number(lm_factor) and not lm_factor >= 1.0:
         raise ValueError(
-            f"lm_thresholds must be (low, high) with low <= high, got {lm_thresholds}."
+            f"{method}: lm_factor must be >= 1, got {lm_factor!r}; the authors use 1.01."
         )
-    if lm_model not in LM_MODELS:
-        raise ValueError(f"lm_model must be one of {LM_MODELS}, got {lm_model!r}.")
-    if gram_mode not in GRAM_MODES:
-        raise ValueError(f"gram_mode must be one of {GRAM_MODES}, got {gram_mode!r}.")
+    lo, hi = lm_thresholds
+    if base.is_number(lo) and base.is_number(hi) and not lo <= hi:
+        raise ValueError(
+            f"{method}: lm_thresholds must be (low, high) with low <= high, got "
+            f"{lm_thresholds}; the authors use (0.25, 0.75)."
+        )
+    base.check_choice(method, "lm_model", lm_model, LM_MODELS)
+    base.check_choice(method, "gram_mode", gram_mode, GRAM_MODES)
     lo_b, hi_b = bounds
-    if isinstance(lo_b, (int, float)) and isinstance(hi_b, (int, float)) and not 0 < lo_b < hi_b:
-        raise ValueError(f"damping_bounds must satisfy 0 < min < max, got {bounds}.")
+    if base.is_number(lo_b) and base.is_number(hi_b) and not 0 < lo_b < hi_b:
+        raise ValueError(
+            f"{method}: damping_bounds must be (min, max) with 0 < min < max, got {bounds}; "
+            "e.g. (1e-8, 1e8)."
+        )
+    if cbatch is not None:
+        base.check_positive_int(method, "curvature_batch", cbatch, what=" or None (whole batch)")
 
 
 def _smw_transform(
@@ -286,6 +296,7 @@ def _smw_transform(
     damping_bounds,
     layers: Any,
     fallback: optax.GradientTransformation | None,
+    on_nonfinite: str,
 ) -> optax.GradientTransformationExtraArgs:
     """The common body of both methods; ``curvature(updates, dtype, extra, count)`` returns the
     blocks' metas, their ``J`` factors and the number of curvature examples ``m``."""
@@ -302,11 +313,14 @@ def _smw_transform(
     def init_fn(params):
         dtype = base.as_float(jax.tree_util.tree_leaves(params)[0].dtype)
         lam0 = damping(0) if callable(damping) else damping
+        if adapt_damping:  # the adapted damping lives in damping_bounds from the start
+            lam0 = jnp.clip(jnp.asarray(lam0, dtype), damping_bounds[0], damping_bounds[1])
         mom = ()
         if momentum > 0:
             mom = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
         return ScaleBySMWState(
             count=jnp.zeros([], jnp.int32),
+            nonfinite_count=jnp.zeros([], jnp.int32),
             damping=jnp.asarray(lam0, dtype),
             rho=jnp.zeros([], dtype),
             momentum=mom,
@@ -388,6 +402,7 @@ def _smw_transform(
         out = jax.tree.map(lambda d, u: d.astype(u.dtype), direction, updates)
         new_state = ScaleBySMWState(
             count=optax.safe_increment(count),
+            nonfinite_count=state.nonfinite_count,
             damping=new_lam,
             rho=jnp.maximum(rho, jnp.finfo(dtype).min).astype(dtype),
             momentum=new_mom,
@@ -395,7 +410,9 @@ def _smw_transform(
         )
         return out, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    checked = (base.LAYER_STATS, MODEL_OUTPUTS, "value")
+    guarded = safety.guard_nonfinite(update_fn, on_nonfinite, method, checked, init_fn=init_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, guarded)
 
 
 def _tree_vdot(a, b) -> jax.Array:
@@ -489,6 +506,7 @@ def scale_by_smw_ng(
     gram_mode: str = "auto",
     layers: Any = None,
     fallback: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions with the damped subsampled Fisher through SMW; no learning rate.
 
@@ -516,7 +534,8 @@ def scale_by_smw_ng(
       lm_thresholds: ``(ρ_lo, ρ_hi)``.
       lm_model: the predicted reduction: ``"damped"`` ``½ ĝ^T d`` or ``"undamped"``
         ``g^T d - ½ d^T (F + τI) d`` (see the module docstring).
-      damping_bounds: ``λ`` is clipped to ``[min, max]`` after each adaptation.
+      damping_bounds: ``λ`` is clipped to ``[min, max]`` at the start and after each
+        adaptation (with ``adapt_damping``): ``min`` is the damping floor.
       gram_mode: ``"auto"``, ``"positions"`` or ``"per_example"``: how conv layers (``T > 1``)
         contract to the Gram (identical results; see the module docstring).
       layers: the captured layers to precondition: ``None`` guesses them from parameter names,
@@ -525,6 +544,7 @@ def scale_by_smw_ng(
         embeddings). Default ``None``: they get ``ĝ / λ'``, i.e. they are treated as having zero
         curvature, which is the SMW direction of the block-diagonal Fisher whose block for them
         is zero. Per-example gradients of such parameters (through ``vmap``) are not formed.
+      ON_NONFINITE
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``layer_stats`` (captured
@@ -532,22 +552,24 @@ def scale_by_smw_ng(
       minibatch loss) with ``adapt_damping``; it accepts ``value`` (the loss at ``params``) to
       save one forward pass.
     """
-    if fisher not in ("true", "empirical"):
-        raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}.")
-    if curvature_batch is not None and (
-        not isinstance(curvature_batch, int)
-        or isinstance(curvature_batch, bool)
-        or curvature_batch < 1
-    ):
-        raise ValueError(
-            f"curvature_batch must be a positive int or None, got {curvature_batch!r}."
-        )
-    _check_common(damping, momentum, lm_factor, lm_thresholds, lm_model, gram_mode, damping_bounds)
+    base.check_choice("smw_ng", "fisher", fisher, ("true", "empirical"))
+    _check_common(
+        "smw_ng",
+        damping,
+        momentum,
+        lm_factor,
+        lm_thresholds,
+        lm_model,
+        gram_mode,
+        damping_bounds,
+        curvature_batch,
+    )
 
     def curvature(updates, dtype, extra, count):
         del count
         layer_stats = extra[base.LAYER_STATS]
         metas = layers_lib.resolve_layers(updates, layers, KINDS)
+        base.check_layer_stats("smw_ng", layer_stats)
         stats = match_stats("smw_ng", metas, layer_stats)
         blocks = []
         num = 0
@@ -584,7 +606,11 @@ def scale_by_smw_ng(
         damping_bounds=damping_bounds,
         layers=layers,
         fallback=fallback,
+        on_nonfinite=on_nonfinite,
     )
+
+
+scale_by_smw_ng.__doc__ = scale_by_smw_ng.__doc__.replace("ON_NONFINITE", safety.ON_NONFINITE_DOC)
 
 
 def _alias(scale_by, learning_rate, weight_decay, **kwargs):
@@ -612,6 +638,7 @@ def smw_ng(
     gram_mode: str = "auto",
     layers: Any = None,
     fallback: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""SMW-NG: natural gradient with the subsampled Fisher, solved by Sherman-Morrison-Woodbury.
 
@@ -626,7 +653,10 @@ def smw_ng(
     layer inputs ``Ã_l`` and per-example output cotangents ``Γ_l`` (no per-example gradient
     of the network is formed), and a back-projection ``J^T v̂`` per layer. Keyword arguments
     are those of :func:`scale_by_smw_ng`; ``curvature_batch``, ``momentum``, ``weight_decay``
-    and ``adapt_damping`` are static for ``optax.inject_hyperparams``.
+    and ``adapt_damping`` are static for ``optax.inject_hyperparams``. ``on_nonfinite``
+    (``"skip"``, ``"raise"`` or ``"ignore"``) says what a step with NaN or infinite gradients,
+    statistics or results does; by default it is skipped and counted in ``nonfinite_count``
+    of the state.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
@@ -665,6 +695,7 @@ def smw_ng(
         gram_mode=gram_mode,
         layers=layers,
         fallback=fallback,
+        on_nonfinite=on_nonfinite,
     )
 
 
@@ -690,6 +721,7 @@ def scale_by_smw_gn(
     gram_mode: str = "auto",
     layers: Any = None,
     fallback: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions with the damped subsampled Gauss-Newton matrix through SMW.
 
@@ -710,8 +742,9 @@ def scale_by_smw_gn(
       max_system_size: largest ``m·c`` (or ``m·s``) allowed (static). A larger system raises
         ``ValueError`` at trace time, naming ``output_samples`` and the curvature batch.
       seed: seed of the output subsampling (static).
-      l2, momentum, adapt_damping, lm_factor, lm_thresholds, lm_model, damping_bounds,
-      gram_mode, layers, fallback: as in :func:`scale_by_smw_ng`.
+      l2, momentum, adapt_damping, lm_factor, lm_thresholds: as in :func:`scale_by_smw_ng`.
+      lm_model, damping_bounds, gram_mode, layers, fallback, on_nonfinite: as in
+        :func:`scale_by_smw_ng`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs:
@@ -733,23 +766,20 @@ def scale_by_smw_gn(
       ``B`` rather than ``m`` examples; ``Q`` then comes from the capture's loss, and
       ``output_samples`` only shrinks the system, not the backward cost).
     """
-    if output_samples is not None and (
-        not isinstance(output_samples, int)
-        or isinstance(output_samples, bool)
-        or output_samples < 1
-    ):
-        raise ValueError(f"output_samples must be a positive int or None, got {output_samples!r}.")
-    if curvature_batch is not None and (
-        not isinstance(curvature_batch, int)
-        or isinstance(curvature_batch, bool)
-        or curvature_batch < 1
-    ):
-        raise ValueError(
-            f"curvature_batch must be a positive int or None, got {curvature_batch!r}."
-        )
-    if not isinstance(max_system_size, int) or max_system_size < 1:
-        raise ValueError(f"max_system_size must be a positive int, got {max_system_size!r}.")
-    _check_common(damping, momentum, lm_factor, lm_thresholds, lm_model, gram_mode, damping_bounds)
+    if output_samples is not None:
+        base.check_positive_int("smw_gn", "output_samples", output_samples, what=" or None (all)")
+    base.check_positive_int("smw_gn", "max_system_size", max_system_size)
+    _check_common(
+        "smw_gn",
+        damping,
+        momentum,
+        lm_factor,
+        lm_thresholds,
+        lm_model,
+        gram_mode,
+        damping_bounds,
+        curvature_batch,
+    )
     loss_obj = losses_lib.as_loss(loss)
 
     def directions(c: int, num: int, count):
@@ -771,6 +801,7 @@ def scale_by_smw_gn(
         # Rows from the capture's exact-GGN cotangents (value_grads_and_stats(...,
         # exact_fisher=True)): all c outputs on the whole batch, then the first m examples.
         metas = layers_lib.resolve_layers(updates, layers, KINDS)
+        base.check_layer_stats("smw_gn", layer_stats)
         stats = match_stats("smw_gn", metas, layer_stats)
         blocks, num = [], 1
         for st in stats:
@@ -848,6 +879,7 @@ def scale_by_smw_gn(
         damping_bounds=damping_bounds,
         layers=layers,
         fallback=fallback,
+        on_nonfinite=on_nonfinite,
     )
 
 
@@ -870,6 +902,7 @@ def smw_gn(
     gram_mode: str = "auto",
     layers: Any = None,
     fallback: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""SMW-GN: subsampled Gauss-Newton with Levenberg-Marquardt damping, solved through SMW.
 
@@ -884,7 +917,8 @@ def smw_gn(
     examples and an ``(mc) × (mc)`` Cholesky solve; ``output_samples`` bounds ``c``. Keyword
     arguments are those of :func:`scale_by_smw_gn`; ``curvature_batch``, ``output_samples``,
     ``max_system_size``,
-    ``seed``, ``momentum``, ``weight_decay`` and ``adapt_damping`` are static.
+    ``seed``, ``momentum``, ``weight_decay`` and ``adapt_damping`` are static. Steps with
+    non-finite values are skipped and counted (``on_nonfinite``, as in :func:`smw_ng`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
@@ -929,4 +963,5 @@ def smw_gn(
         gram_mode=gram_mode,
         layers=layers,
         fallback=fallback,
+        on_nonfinite=on_nonfinite,
     )

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from kfqn_jax._src import base, linalg
+from kfqn_jax._src import base, linalg, safety
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -195,22 +195,18 @@ def ema_weight(ema_decay: Any, n: jax.Array, dtype: Any, warm_start: bool) -> ja
     return jnp.maximum(1.0 - jnp.asarray(ema_decay, dtype), run)
 
 
-def check_period(name: str, v: Any) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name} must be a positive int (static), got {v!r}.")
-
-
-def check_common(ema_decay: Any, momentum: Any, max_dim: Any, reshape: Any) -> None:
-    if isinstance(ema_decay, (int, float)) and not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
-    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be a (static) number in [0, 1), got {momentum!r}.")
-    if max_dim is not None and (
-        not isinstance(max_dim, int) or isinstance(max_dim, bool) or max_dim < 1
-    ):
-        raise ValueError(f"max_dim must be None or a positive int (static), got {max_dim!r}.")
+def check_common(method: str, ema_decay: Any, momentum: Any, max_dim: Any, reshape: Any) -> None:
+    """Construction-time checks shared by TNT and Shampoo."""
+    if ema_decay is not None:
+        base.check_fraction(method, "ema_decay", ema_decay)
+    base.check_fraction(method, "momentum", momentum, static=True)
+    if max_dim is not None:
+        base.check_positive_int(method, "max_dim", max_dim, what=" or None (no cap)")
     if not callable(reshape) and reshape not in RESHAPES:
-        raise ValueError(f"reshape must be one of {RESHAPES} or a callable, got {reshape!r}.")
+        raise ValueError(
+            f"{method}: reshape must be one of {', '.join(map(repr, RESHAPES))} or a callable "
+            f"(path, shape) -> modes; got {reshape!r}."
+        )
 
 
 def flatten_like(treedef: Any, tree: Any, what: str, method: str) -> list:
@@ -306,7 +302,9 @@ class ScaleByTNTState(NamedTuple):
     """State of :func:`scale_by_tnt`.
 
     Attributes:
-      count: number of steps taken (int32).
+      count: number of steps taken (int32); a skipped step (see ``on_nonfinite``) does not
+        count.
+      nonfinite_count: number of steps skipped because of non-finite values (int32).
       stats_count: number of statistics updates folded into the factors (int32), warm-start
         batches included.
       factors: the tree of the parameters with, at each leaf, the tuple of per-mode statistics
@@ -317,6 +315,7 @@ class ScaleByTNTState(NamedTuple):
     """
 
     count: jax.Array
+    nonfinite_count: jax.Array
     stats_count: jax.Array
     factors: Any
     inverses: Any
@@ -347,6 +346,7 @@ def scale_by_tnt(
         "filter_flattening"
     ),
     max_dim: int | None = 4096,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions every parameter with TNT; no learning rate (see :func:`tnt`).
 
@@ -385,6 +385,7 @@ def scale_by_tnt(
         callable; see :func:`mode_sizes`. Size-1 axes are dropped.
       max_dim: modes larger than this keep only a diagonal ``S_i`` (``U_i`` and ``P_i``
         diagonal too; the normalisation uses the same traces). ``None``: no cap. Static.
+      ON_NONFINITE
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``sampled_grads`` (a
@@ -394,15 +395,12 @@ def scale_by_tnt(
       as an arithmetic mean, returns zero updates and leaves ``count`` unchanged (the authors'
       warm start: one pass over the training set at the initial parameters).
     """
-    if fisher not in ("true", "empirical"):
-        raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}.")
-    if damping_mode not in DAMPING_MODES:
-        raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}.")
-    check_period("stats_every", stats_every)
-    check_period("inverse_every", inverse_every)
-    check_common(ema_decay, momentum, max_dim, reshape)
-    if isinstance(damping, (int, float)) and not damping > 0:
-        raise ValueError(f"damping must be > 0, got {damping}.")
+    base.check_choice("tnt", "fisher", fisher, ("true", "empirical"))
+    base.check_choice("tnt", "damping_mode", damping_mode, DAMPING_MODES)
+    base.check_positive_int("tnt", "stats_every", stats_every)
+    base.check_positive_int("tnt", "inverse_every", inverse_every)
+    check_common("tnt", ema_decay, momentum, max_dim, reshape)
+    base.check_damping("tnt", damping)
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
@@ -417,6 +415,7 @@ def scale_by_tnt(
             )
         return ScaleByTNTState(
             count=jnp.zeros([], jnp.int32),
+            nonfinite_count=jnp.zeros([], jnp.int32),
             stats_count=jnp.zeros([], jnp.int32),
             factors=treedef.unflatten(factors),
             inverses=treedef.unflatten(inverses),
@@ -437,7 +436,7 @@ def scale_by_tnt(
             if fisher == "empirical":
                 return leaves
             tree = sampled_grads() if callable(sampled_grads) else sampled_grads
-            return flatten_like(treedef, tree, base.SAMPLED_GRADS, "tnt")
+            return base.check_tree_like("tnt", base.SAMPLED_GRADS, tree, updates, "gradients")
 
         def new_stats(operand):
             old, n = operand
@@ -489,6 +488,7 @@ def scale_by_tnt(
             out.append(precondition(x, inv, lo).astype(g.dtype))
         new_state = ScaleByTNTState(
             count=optax.safe_increment(count),
+            nonfinite_count=state.nonfinite_count,
             stats_count=n_stats,
             factors=treedef.unflatten([tuple(f) for f in factors]),
             inverses=treedef.unflatten(new_inv),
@@ -496,7 +496,13 @@ def scale_by_tnt(
         )
         return treedef.unflatten(out), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    guarded = safety.guard_nonfinite(
+        update_fn, on_nonfinite, "tnt", (base.SAMPLED_GRADS,), init_fn=init_fn
+    )
+    return optax.GradientTransformationExtraArgs(init_fn, guarded)
+
+
+scale_by_tnt.__doc__ = scale_by_tnt.__doc__.replace("ON_NONFINITE", safety.ON_NONFINITE_DOC)
 
 
 def tnt(
@@ -515,6 +521,7 @@ def tnt(
         "filter_flattening"
     ),
     max_dim: int | None = 4096,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Tensor Normal Training with a learning rate and decoupled weight decay.
 
@@ -530,7 +537,10 @@ def tnt(
     ``max_dim``, ``reshape``, ``fisher`` and ``damping_mode`` fix the state's structure or the
     Python control flow: list the numeric ones in ``static_args`` of
     ``optax.inject_hyperparams``. The authors' settings: autoencoders ``lr 1e-4, ε 0.1,
-    T₁ 1, T₂ 20``; CNNs ``lr 1e-4, ε 0.01, τ 10, T₁ 10, T₂ 100``.
+    T₁ 1, T₂ 20``; CNNs ``lr 1e-4, ε 0.01, τ 10, T₁ 10, T₂ 100``. ``on_nonfinite``
+    (``"skip"``, ``"raise"`` or ``"ignore"``) says what a step with NaN or infinite gradients,
+    statistics or results does; by default it is skipped (zero direction; the decoupled weight
+    decay still applies) and counted in ``nonfinite_count`` of the state.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
@@ -561,6 +571,7 @@ def tnt(
         momentum=momentum,
         reshape=reshape,
         max_dim=max_dim,
+        on_nonfinite=on_nonfinite,
     )
     parts = [inner]
     if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
