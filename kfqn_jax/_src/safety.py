@@ -12,8 +12,10 @@ args, or create them itself (an overflowing factor, a failed inverse). Every met
   host sync). Non-finite statistics are caught through what they produce: every statistic a
   method reads ends up in its new state or its updates (a NaN in a layer input makes that
   layer's factor NaN), while a field the method never reads is harmless and does not skip the
-  step. Checking the results rather than the (larger) statistics keeps the guard's cost to
-  about 4% of a KFAC step's CPU time on the MNIST autoencoder (``benchmarks/RESULTS.md``).
+  step. The check itself is cheap (about 1% of a step); the select between the new and the
+  old state is a memory pass over the whole state (7-16% of a step on a CPU,
+  ``benchmarks/RESULTS.md``). KFAC therefore does not use this wrapper for ``"skip"``: it gates
+  its own state updates with the flag inside the operations that make them.
 * ``"raise"``: the same check, and a ``FloatingPointError`` raised from the device through
   ``jax.debug.callback``. Outside ``jit`` it propagates as is; under ``jit`` JAX reports it as
   a ``jax.errors.JaxRuntimeError`` whose message contains the ``FloatingPointError`` text,
