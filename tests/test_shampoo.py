@@ -95,7 +95,8 @@ def test_grafting_takes_the_step_norm_of_the_graft():
     graft = optax.scale_by_adam()
     tx = kfqn_jax.scale_by_shampoo(1e-3, graft=graft)
     upd, state = tx.update(grads, tx.init(params), params)
-    plain, _ = kfqn_jax.scale_by_shampoo(1e-3).update(grads, tx.init(params), params)
+    plain_tx = kfqn_jax.scale_by_shampoo(1e-3)
+    plain, _ = plain_tx.update(grads, plain_tx.init(params), params)
     g_step, _ = graft.update(grads, graft.init(params))
     for name in ("w", "b"):
         np.testing.assert_allclose(
