@@ -20,21 +20,17 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
 from tests._child_process import strict_warnings
-from tests.method_cases import CASES, Ctx
+from tests.method_cases import CASES, Ctx, apply_step
 
 K = 2
 
 
 def make_step(case, ctx, tx):
     def step(params, state):
-        grads = jax.grad(ctx.loss_fn)(params)
-        extra = case.extra_args(ctx, params)
-        updates, state = tx.update(grads, state, params, **extra)
-        return optax.apply_updates(params, updates), state
+        return apply_step(case, ctx, tx, params, state)[:2]
 
     return step
 

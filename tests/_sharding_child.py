@@ -17,12 +17,11 @@ import traceback
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tests._child_process import strict_warnings
-from tests.method_cases import CASES, Ctx
+from tests.method_cases import CASES, Ctx, apply_step
 
 DEVICES = 8
 STEPS = 3
@@ -41,10 +40,7 @@ def make_step(case, ctx, tx):
     def step(params, state, x, y):
         batch_ctx = copy.copy(ctx)
         batch_ctx.x, batch_ctx.y = x, y
-        grads = jax.grad(batch_ctx.loss_fn)(params)
-        extra = case.extra_args(batch_ctx, params)
-        updates, state = tx.update(grads, state, params, **extra)
-        return optax.apply_updates(params, updates), state
+        return apply_step(case, batch_ctx, tx, params, state)[:2]
 
     return step
 

@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 import kfqn_jax
 from kfqn_jax import flax as kfx
@@ -62,6 +63,14 @@ class Ctx:
             sampled=sampled,
             with_outputs=with_outputs,
         )
+
+
+def apply_step(case: MethodCase, ctx: Ctx, tx: Any, params: Any, state: Any):
+    """One training step of ``case`` on ``ctx``'s batch: ``(params, state, updates)``."""
+    grads = jax.grad(ctx.loss_fn)(params)
+    extra = case.extra_args(ctx, params)
+    updates, state = tx.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state, updates
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from tests.method_cases import CASES, Ctx
+from tests.method_cases import CASES, Ctx, apply_step
 
 IDS = [c.name for c in CASES]
 
@@ -20,10 +20,7 @@ def _step_fn(tx, ctx, case, trace_counter=None):
     def step(params, state):
         if trace_counter is not None:
             trace_counter.append(1)
-        grads = jax.grad(ctx.loss_fn)(params)
-        extra = case.extra_args(ctx, params)
-        updates, state = tx.update(grads, state, params, **extra)
-        return optax.apply_updates(params, updates), state, updates
+        return apply_step(case, ctx, tx, params, state)
 
     return step
 

@@ -139,6 +139,15 @@ def assemble_stats(
     return stats
 
 
+def masked_conv_message(name: str) -> str:
+    """The error for a ``Conv`` with a kernel ``mask`` (linen and NNX)."""
+    return (
+        f"{name}: a Conv with a kernel `mask` is not supported by the capture (its gradient is "
+        "the masked product, which the Kronecker statistics do not see). Use an unmasked Conv, "
+        "or kfqn_jax.tnt/shampoo, which need no capture."
+    )
+
+
 def exact_cotangents(loss: losses_lib.Loss, outputs: jax.Array) -> jax.Array:
     """Cotangents ``(c, *outputs.shape)`` of the mean loss for the ``c`` columns of the
     per-example Hessian square root: their outer products sum to the exact expectation of the

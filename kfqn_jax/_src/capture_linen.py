@@ -18,7 +18,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from kfqn_jax._src import capture as cap
 from kfqn_jax._src import layers as layers_lib
+from kfqn_jax._src import losses as losses_lib
 from kfqn_jax._src.base import LayerMeta
 
 COL_INPUTS = "kfqn_inputs"
@@ -43,13 +45,6 @@ def _dense_general_axes(mod: nn.DenseGeneral, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(int(a) % ndim for a in axis))
 
 
-_MASKED_MSG = (
-    "{name}: a Conv with a kernel `mask` is not supported by the capture (its gradient is the "
-    "masked product, which the Kronecker statistics do not see). Use an unmasked Conv, or "
-    "kfqn_jax.tnt/shampoo, which need no capture."
-)
-
-
 def _prepare(mod: nn.Module, x: Any, path: tuple[str, ...]) -> tuple[Any, LayerMeta]:
     """Layer input in ``(B, T, d_in)`` form (``(B, T)`` ids for ``Embed``) and the static meta.
 
@@ -69,7 +64,7 @@ def _prepare(mod: nn.Module, x: Any, path: tuple[str, ...]) -> tuple[Any, LayerM
         return ids, meta
     if isinstance(mod, nn.Conv):
         if getattr(mod, "mask", None) is not None:
-            raise ValueError(_MASKED_MSG.format(name=name))
+            raise ValueError(cap.masked_conv_message(name))
         a, meta = layers_lib.conv_inputs(
             x,
             name=name,
@@ -299,9 +294,6 @@ def value_grads_and_stats(
       A :class:`Captured` named tuple ``(loss, aux, grads, stats, sampled_grads,
       sampled_targets)``.
     """
-    from kfqn_jax._src import capture as cap
-    from kfqn_jax._src import losses as losses_lib
-
     cap.check_sampled(sampled)
     loss = losses_lib.as_loss(loss)
     params, extra = _split_variables(params, extra_variables)
@@ -342,9 +334,6 @@ def layer_stats(
     collections in training mode (``BatchNorm`` batch statistics) run; the updates are
     discarded.
     """
-    from kfqn_jax._src import capture as cap
-    from kfqn_jax._src import losses as losses_lib
-
     loss = losses_lib.as_loss(loss)
     params, extra = _split_variables(params, extra_variables)
     mutable = _as_mutable(mutable)

@@ -37,13 +37,6 @@ from kfqn_jax._src.base import LayerMeta, tree_paths
 _SUPPORTED = (nnx.Linear, nnx.Conv, nnx.Embed)
 
 
-_MASKED_MSG = (
-    "{name}: a Conv with a kernel `mask` is not supported by the capture (its gradient is the "
-    "masked product, which the Kronecker statistics do not see). Use an unmasked Conv, or "
-    "kfqn_jax.tnt/shampoo, which need no capture."
-)
-
-
 def _prepare(mod: Any, x: Any, path: tuple[Any, ...]):
     name = "/".join(str(p) for p in path)
     if isinstance(mod, nnx.Embed):
@@ -59,7 +52,7 @@ def _prepare(mod: Any, x: Any, path: tuple[Any, ...]):
         return ids, meta
     if isinstance(mod, nnx.Conv):
         if getattr(mod, "mask", None) is not None:
-            raise ValueError(_MASKED_MSG.format(name=name))
+            raise ValueError(cap.masked_conv_message(name))
         return layers_lib.conv_inputs(
             x,
             name=name,

@@ -300,12 +300,8 @@ def scale_by_kfac(
             ok = jnp.asarray(grads_ok)
             batch = [factor_stats(s, fisher, dtype) for s in cur]
             if fused:
-                # A factor is finite exactly when its diagonal is (Cauchy-Schwarz,
-                # |F_ij| <= sqrt(F_ii F_jj); a NaN entry makes its row's diagonal NaN), so
-                # only the diagonals of the new EMAs are checked.
                 for (af, gf), ao, go in zip(batch, a_old, g_old, strict=True):
-                    ok &= jnp.all(jnp.isfinite((1 - w) * jnp.diagonal(ao) + w * jnp.diagonal(af)))
-                    ok &= jnp.all(jnp.isfinite((1 - w) * jnp.diagonal(go) + w * jnp.diagonal(gf)))
+                    ok &= safety.ema_finite(w, ao, af) & safety.ema_finite(w, go, gf)
             a_new, g_new = [], []
             for (af, gf), ao, go in zip(batch, a_old, g_old, strict=True):
                 a_new.append(jnp.where(ok, (1 - w) * ao + w * af, ao))
@@ -403,16 +399,10 @@ def scale_by_kfac(
         nonfinite = state.nonfinite_count
         new_count = optax.safe_increment(count)
         if fused:
-            # A step is taken when its inputs and new factors are finite; its updates must be
-            # finite too (else they are zeroed and the step is counted as skipped, the
-            # curvature state having advanced on finite inputs).
-            ok_all = ok & linalg.is_finite(leaves)
-            leaves = [jnp.where(ok_all, u, jnp.zeros((), u.dtype)) for u in leaves]
+            leaves, new_count, nonfinite = safety.finish_skip(ok, leaves, count, nonfinite)
             fb_state = jax.tree.map(
                 lambda n, o: jnp.where(ok, n, o), fb_state, state.fallback_state
             )
-            nonfinite = nonfinite + (~ok_all).astype(jnp.int32)
-            new_count = jnp.where(ok, new_count, count)
         new_updates = jax.tree_util.tree_unflatten(treedef, leaves)
         new_state = ScaleByKFACState(
             count=new_count,
@@ -427,12 +417,9 @@ def scale_by_kfac(
         )
         return new_updates, new_state
 
-    if fused:
-        guarded = safety.guard_nonfinite(update_fn, "ignore", "kfac", init_fn=init_fn)
-    else:
-        guarded = safety.guard_nonfinite(
-            update_fn, on_nonfinite, "kfac", (base.LAYER_STATS,), init_fn=init_fn
-        )
+    guarded = safety.guard_nonfinite(
+        update_fn, on_nonfinite, "kfac", (base.LAYER_STATS,), init_fn=init_fn, fused=True
+    )
     return optax.GradientTransformationExtraArgs(init_fn, guarded)
 
 

@@ -110,6 +110,7 @@ def guard_nonfinite(
     method: str,
     checked: Sequence[str] = (),
     init_fn: Callable[[Any], Any] | None = None,
+    fused: bool = False,
 ) -> Callable[..., tuple[Any, Any]]:
     """Wraps a method's ``update_fn`` with the non-finite check described in the module
     docstring.
@@ -126,13 +127,16 @@ def guard_nonfinite(
         differs from what ``init`` builds for these updates (``flax.nnx.Optimizer`` hands the
         state back with its containers converted to NNX ones) is rebuilt in the canonical
         structure from its leaves before ``update_fn`` runs.
+      fused: ``update_fn`` implements ``"skip"`` itself, gating its state updates inside the
+        operations that make them (with :func:`ema_finite` and :func:`finish_skip`); for
+        ``"skip"`` only the state canonicalisation is added, no select over the state.
 
     Returns:
       The guarded update function (``update_fn`` itself for ``"ignore"``).
     """
     check_on_nonfinite(method, on_nonfinite)
     names = tuple(checked)
-    if on_nonfinite == "ignore":
+    if on_nonfinite == "ignore" or (fused and on_nonfinite == "skip"):
         return _with_canonical_state(update_fn, init_fn, method) if init_fn else update_fn
 
     def guarded(updates, state, params=None, **extra):
@@ -190,3 +194,34 @@ def _with_canonical_state(update_fn, init_fn, method):
         return update_fn(updates, canonical_state(state, init_fn, updates, method), params, **extra)
 
     return wrapped
+
+
+def ema_finite(w: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
+    """Whether the EMA ``(1 - w) old + w new`` of a Gram statistic is finite, for a fused
+    ``"skip"``: a ``(d, d)`` Gram matrix (or the ``(d,)`` vector of its diagonal) is finite
+    exactly when its diagonal is (Cauchy-Schwarz, ``|F_ij| <= sqrt(F_ii F_jj)``; a NaN entry
+    makes its row's diagonal NaN), so only the ``d`` diagonal entries are computed."""
+
+    def diag(x):
+        return jnp.diagonal(x) if x.ndim == 2 else x
+
+    return jnp.all(jnp.isfinite((1 - w) * diag(old) + w * diag(new)))
+
+
+def finish_skip(
+    ok: jax.Array, updates: Sequence[jax.Array], count: jax.Array, nonfinite_count: jax.Array
+) -> tuple[list, jax.Array, jax.Array]:
+    """The end of a step whose ``"skip"`` is fused into the method.
+
+    ``ok`` says the step's inputs and new curvature were finite (the method has already gated
+    its state updates on it). The updates must be finite too: otherwise they are zeroed and the
+    step is counted as skipped, the curvature having advanced on finite inputs.
+
+    Returns:
+      ``(updates, count, nonfinite_count)``: the update leaves, ``count`` advanced only when
+      ``ok``, and the counter of skipped steps.
+    """
+    ok_all = ok & linalg.is_finite(list(updates))
+    updates = [jnp.where(ok_all, u, jnp.zeros((), u.dtype)) for u in updates]
+    count = jnp.where(ok, optax.safe_increment(count), count)
+    return updates, count, nonfinite_count + (~ok_all).astype(jnp.int32)

@@ -456,11 +456,8 @@ def scale_by_tnt(
                 cs = mode_contractions(g.astype(dt), lo)
                 pairs.append((w, cs))
                 if fused:
-                    # Each statistic is a Gram matrix (or its diagonal): finite exactly when
-                    # its diagonal is, so only the new diagonals are checked.
                     for s_, c in zip(fac, cs, strict=True):
-                        diag = lambda x: jnp.diagonal(x) if x.ndim == 2 else x  # noqa: E731
-                        ok &= jnp.all(jnp.isfinite((1 - w) * diag(s_) + w * diag(c)))
+                        ok &= safety.ema_finite(w, s_, c)
             out = []
             for (w, cs), fac in zip(pairs, old, strict=True):
                 out.append(
@@ -517,12 +514,7 @@ def scale_by_tnt(
         nonfinite = state.nonfinite_count
         new_count = optax.safe_increment(count)
         if fused:
-            # Updates must be finite too (else zeroed and counted; the statistics advanced on
-            # finite inputs).
-            ok_all = ok & linalg.is_finite(out)
-            out = [jnp.where(ok_all, u, jnp.zeros((), u.dtype)) for u in out]
-            nonfinite = nonfinite + (~ok_all).astype(jnp.int32)
-            new_count = jnp.where(ok, new_count, count)
+            out, new_count, nonfinite = safety.finish_skip(ok, out, count, nonfinite)
         new_state = ScaleByTNTState(
             count=new_count,
             nonfinite_count=nonfinite,
@@ -534,11 +526,7 @@ def scale_by_tnt(
         return treedef.unflatten(out), new_state
 
     guarded = safety.guard_nonfinite(
-        update_fn,
-        "ignore" if fused else on_nonfinite,
-        "tnt",
-        (base.SAMPLED_GRADS,),
-        init_fn=init_fn,
+        update_fn, on_nonfinite, "tnt", (base.SAMPLED_GRADS,), init_fn=init_fn, fused=True
     )
     return optax.GradientTransformationExtraArgs(init_fn, guarded)
 
