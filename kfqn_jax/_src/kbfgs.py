@@ -115,19 +115,25 @@ def _stats_fn_fix() -> str:
     )
 
 
-def _means(stats: base.LayerStats, dtype: Any, name: str) -> tuple[jax.Array, jax.Array]:
-    """Batch-and-position means of the pre-activation and of the per-example gradient."""
+def _require_outputs(stats: base.LayerStats, name: str) -> None:
     if stats.h is None:
         raise ValueError(
             f"{name}: layer {stats.meta.name!r} has no pre-activations: capture with "
             "with_outputs=True (kfqn_jax.flax.layer_stats does so by default)."
         )
-    b = stats.g.shape[0]
-    h = stats.h.astype(dtype)
-    g = stats.g.astype(dtype)
+
+
+def _column_means(h: jax.Array, g: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+    """Batch-and-position means of ``h`` and of the per-example ``batch * g``."""
     h_mean = jnp.mean(h.reshape(-1, h.shape[-1]), axis=0)
-    g_mean = b * jnp.mean(g.reshape(-1, g.shape[-1]), axis=0)
+    g_mean = batch * jnp.mean(g.reshape(-1, g.shape[-1]), axis=0)
     return h_mean, g_mean
+
+
+def _means(stats: base.LayerStats, dtype: Any, name: str) -> tuple[jax.Array, jax.Array]:
+    """Batch-and-position means of the pre-activation and of the per-example gradient."""
+    _require_outputs(stats, name)
+    return _column_means(stats.h.astype(dtype), stats.g.astype(dtype), stats.g.shape[0])
 
 
 def _mean_differences(
@@ -140,13 +146,10 @@ def _mean_differences(
     instead of the means, so ``s`` and ``y`` do not depend on the order of summation (one
     device, a permuted batch, or a batch sharded across devices).
     """
-    _means(new, dtype, name)  # the check that the trial pass recorded pre-activations
-    b = old.g.shape[0]
+    _require_outputs(new, name)
     dh = old.h.astype(dtype) - new.h.astype(dtype)
     dg = old.g.astype(dtype) - new.g.astype(dtype)
-    s = jnp.mean(dh.reshape(-1, dh.shape[-1]), axis=0)
-    y = b * jnp.mean(dg.reshape(-1, dg.shape[-1]), axis=0)
-    return s, y
+    return _column_means(dh, dg, old.g.shape[0])
 
 
 def _scale_by_kbfgs(
