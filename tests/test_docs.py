@@ -21,22 +21,14 @@ import pytest
 
 import kfqn_jax
 from kfqn_jax import flax as kfx
+from tests.method_cases import CASES
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(p for p in DOCS.rglob("*.rst") if "_build" not in p.parts)
 FLAGS = doctest.ELLIPSIS
-METHODS = (
-    "kfac",
-    "kbfgs",
-    "kbfgs_l",
-    "tnt",
-    "shampoo",
-    "smw_ng",
-    "smw_gn",
-    "hessian_free",
-    "block_hessian_free",
-)
+# Every method of the invariant matrix's registry must have its page.
+METHODS = tuple(case.name for case in CASES)
 
 
 def _module_names() -> list[str]:
