@@ -67,6 +67,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--epochs", type=float, default=10.0, help="epochs per optimizer")
     p.add_argument("--steps", type=int, default=None, help="total steps (overrides --epochs)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop each optimizer once its training steps (compilation and evaluation "
+        "excluded) have taken this many seconds, even before --epochs/--steps",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default: the problem's")
     p.add_argument("--out", default="results", help="output directory")
     p.add_argument(
@@ -114,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.overrides = overrides
     if args.steps is not None and args.steps < 2:
         p.error("--steps must be >= 2 (the first call is compilation)")
+    if args.time_budget is not None and not args.time_budget > 0:
+        p.error(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     return args
 
 
@@ -282,7 +292,7 @@ def _run_one(name, problem, params0, schedule, args, device, dtype, evaluate) ->
             record["opt_state_bytes"] = _tree_bytes(opt_state)
             # Donate params and state, as a training loop would: no copy of the state per step.
             step = jax.jit(runner.step, donate_argnums=(0, 1)) if runner.jit else runner.step
-            epoch_start = 0
+            epoch_start, trained = 0, 0.0
             for i, idx in enumerate(schedule):
                 x = jax.device_put(jnp.asarray(problem.x_train[idx], dtype), device)
                 y = (
@@ -308,7 +318,9 @@ def _run_one(name, problem, params0, schedule, args, device, dtype, evaluate) ->
                     record["reason"] = f"non-finite loss at step {i}"
                     break
                 end_of_epoch = (i + 1) % steps_per_epoch == 0
-                if end_of_epoch or i + 1 == len(schedule):
+                trained += dt if i else 0.0
+                out_of_time = args.time_budget is not None and trained >= args.time_budget
+                if end_of_epoch or i + 1 == len(schedule) or out_of_time:
                     epochs.append(_epoch_record(i, steps_per_epoch, losses[epoch_start:], args))
                     epochs[-1]["test_loss"] = evaluate(params, problem.x_test, problem.y_test)
                     if args.eval_train and end_of_epoch:
@@ -316,6 +328,9 @@ def _run_one(name, problem, params0, schedule, args, device, dtype, evaluate) ->
                             params, problem.x_train, problem.y_train
                         )
                     epoch_start = i + 1
+                if out_of_time:
+                    record["stopped_by_time_budget"] = True
+                    break
     except Exception as e:  # noqa: BLE001 - report and continue with the next optimizer
         traceback.print_exc()
         record["status"] = "error"
@@ -516,6 +531,7 @@ def main(argv=None) -> int:
             "init": args.init,
             "epochs": steps / steps_per_epoch,
             "steps": steps,
+            "time_budget_s": args.time_budget,
             "batch_size": batch,
             "seed": args.seed,
             "dtype": args.dtype,

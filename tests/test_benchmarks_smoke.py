@@ -94,6 +94,22 @@ def test_hparam_override_and_bad_names(tmp_path, capsys):
         run.parse_args(["--hp", "learning_rate=1"])
 
 
+def test_time_budget_stops_each_optimizer_early(tmp_path, capsys):
+    # A budget far below one step: each optimizer stops after its first timed step (step 2),
+    # records why, and still evaluates the test loss at the point where it stopped.
+    rc, result, _ = _run(
+        tmp_path, capsys, "adam,sgd", steps=50, extra=["--no-plots", "--time-budget", "1e-9"]
+    )
+    assert rc == 0
+    assert result["config"]["time_budget_s"] == 1e-9
+    for rec in result["optimizers"].values():
+        assert rec["stopped_by_time_budget"] is True
+        assert rec["steps"] == 2 and len(rec["step_times_s"]) == 1
+        assert rec["epochs"][-1]["step"] == 2 and rec["epochs"][-1]["test_loss"] > 0
+    with pytest.raises(SystemExit):
+        run.parse_args(["--time-budget", "0"])
+
+
 def test_schedule_is_a_fresh_permutation_per_epoch():
     sched = run._schedule(10, 3, 7, seed=0)
     assert len(sched) == 7 and all(len(b) == 3 for b in sched)

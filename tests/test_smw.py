@@ -330,6 +330,56 @@ def test_lm_rule_moves_damping_in_the_right_direction():
                 assert float(state.rho) == np.finfo(np.float64).min  # -inf, kept finite
 
 
+def test_lm_reject_zeroes_only_steps_that_raise_the_loss():
+    """``lm_reject=True``: a trial loss above ``L(θ)`` (or NaN) gives a zero update and a
+    larger ``λ``; a decrease, even a poor one (``ρ < ρ_lo``), keeps the full step. Both
+    methods share the rule; this checks it through SMW-NG and SMW-GN."""
+    with jax.enable_x64(True):
+        model, params, x, y, loss, out, d = _lm_setup()
+        pred = 0.5 * float(np.dot(_flat(out.grads), _flat(d)))
+        v0 = 1.0
+        tx = kfqn_jax.scale_by_smw_ng(LAM, fisher="empirical", curvature_batch=M, lm_reject=True)
+
+        @jax.jit
+        def run(trial):
+            return tx.update(
+                out.grads,
+                tx.init(params),
+                params,
+                layer_stats=out.stats,
+                loss_fn=lambda p: trial,
+                value=v0,
+            )
+
+        for trial, taken, factor in [
+            (v0 + 0.5 * pred, False, 1.01),  # the loss rises
+            (jnp.nan, False, 1.01),  # the trial loss is not finite
+            (v0 - 0.1 * pred, True, 1.01),  # a poor but real decrease
+            (v0 - 0.9 * pred, True, 1 / 1.01),
+        ]:
+            d2, state = run(jnp.asarray(trial, jnp.float64))
+            want = _flat(d) if taken else np.zeros_like(_flat(d))
+            np.testing.assert_allclose(_flat(d2), want, rtol=1e-12, atol=0)
+            np.testing.assert_allclose(float(state.damping), LAM * factor, rtol=1e-12)
+            assert int(state.nonfinite_count) == 0
+
+        gn = kfqn_jax.scale_by_smw_gn(LAM, loss=loss, curvature_batch=M, lm_reject=True)
+        outputs = model.apply({"params": params}, x)
+        probe = lambda v: kfx.layer_stats(  # noqa: E731
+            model, params, x[:M], targets=v, loss=kfqn_jax.OutputProbe(), with_outputs=False
+        )
+        d_gn, state = gn.update(
+            out.grads,
+            gn.init(params),
+            params,
+            model_outputs=outputs,
+            probe_stats_fn=probe,
+            loss_fn=lambda p: jnp.asarray(v0 + 1.0),
+            value=v0,
+        )
+        assert not np.any(_flat(d_gn)) and float(state.damping) > LAM
+
+
 def test_lm_rule_configurable_and_undamped_model_uses_the_dense_curvature():
     with jax.enable_x64(True):
         model, params, x, y, loss, out, d = _lm_setup()

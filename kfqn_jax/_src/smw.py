@@ -293,6 +293,7 @@ def _smw_transform(
     lm_factor,
     lm_thresholds,
     lm_model: str,
+    lm_reject: bool,
     damping_bounds,
     layers: Any,
     fallback: optax.GradientTransformation | None,
@@ -399,6 +400,10 @@ def _smw_transform(
             new_lam = jnp.clip(new_lam, damping_bounds[0], damping_bounds[1]).astype(dtype)
             new_lam = jnp.where(jnp.isfinite(new_lam), new_lam, lam)
 
+        if adapt_damping and lm_reject:
+            # rho is -inf exactly when the trial loss rose or was not finite.
+            accept = rho > -jnp.inf
+            direction = jax.tree.map(lambda d: jnp.where(accept, d, jnp.zeros_like(d)), direction)
         out = jax.tree.map(lambda d, u: d.astype(u.dtype), direction, updates)
         new_state = ScaleBySMWState(
             count=optax.safe_increment(count),
@@ -502,6 +507,7 @@ def scale_by_smw_ng(
     lm_factor: float = 1.01,
     lm_thresholds: tuple[float, float] = (0.25, 0.75),
     lm_model: str = "damped",
+    lm_reject: bool = False,
     damping_bounds: tuple[float, float] = (1e-8, 1e8),
     gram_mode: str = "auto",
     layers: Any = None,
@@ -534,6 +540,11 @@ def scale_by_smw_ng(
       lm_thresholds: ``(ρ_lo, ρ_hi)``.
       lm_model: the predicted reduction: ``"damped"`` ``½ ĝ^T d`` or ``"undamped"``
         ``g^T d - ½ d^T (F + τI) d`` (see the module docstring).
+      lm_reject: reject steps that do not decrease the loss: when the trial loss
+        ``L(θ - d)`` is above ``L(θ)`` (or not finite), the update is zero (``λ`` still grows
+        by ``ω``), as in classical Levenberg-Marquardt. Default ``False``: the authors' code
+        always takes the step. With a fast ``lm_factor`` (e.g. 1.5) this lets ``λ`` shrink
+        quickly without a single bad step ruining the run.
       damping_bounds: ``λ`` is clipped to ``[min, max]`` at the start and after each
         adaptation (with ``adapt_damping``): ``min`` is the damping floor.
       gram_mode: ``"auto"``, ``"positions"`` or ``"per_example"``: how conv layers (``T > 1``)
@@ -603,6 +614,7 @@ def scale_by_smw_ng(
         lm_factor=lm_factor,
         lm_thresholds=lm_thresholds,
         lm_model=lm_model,
+        lm_reject=lm_reject,
         damping_bounds=damping_bounds,
         layers=layers,
         fallback=fallback,
@@ -634,6 +646,7 @@ def smw_ng(
     lm_factor: float = 1.01,
     lm_thresholds: tuple[float, float] = (0.25, 0.75),
     lm_model: str = "damped",
+    lm_reject: bool = False,
     damping_bounds: tuple[float, float] = (1e-8, 1e8),
     gram_mode: str = "auto",
     layers: Any = None,
@@ -652,9 +665,9 @@ def smw_ng(
     solve of ``K/m + λ'I`` with ``K = Σ_l (Ã_l Ã_l^T) ∘ (Γ_l Γ_l^T)`` built from the captured
     layer inputs ``Ã_l`` and per-example output cotangents ``Γ_l`` (no per-example gradient
     of the network is formed), and a back-projection ``J^T v̂`` per layer. Keyword arguments
-    are those of :func:`scale_by_smw_ng`; ``curvature_batch``, ``momentum``, ``weight_decay``
-    and ``adapt_damping`` are static for ``optax.inject_hyperparams``. ``on_nonfinite``
-    (``"skip"``, ``"raise"`` or ``"ignore"``) says what a step with NaN or infinite gradients,
+    are those of :func:`scale_by_smw_ng`; ``curvature_batch``, ``momentum``, ``weight_decay``,
+    ``adapt_damping`` and ``lm_reject`` are static for ``optax.inject_hyperparams``.
+    ``on_nonfinite`` (``"skip"``, ``"raise"`` or ``"ignore"``) says what a step with NaN or infinite gradients,
     statistics or results does; by default it is skipped and counted in ``nonfinite_count``
     of the state.
 
@@ -691,6 +704,7 @@ def smw_ng(
         lm_factor=lm_factor,
         lm_thresholds=lm_thresholds,
         lm_model=lm_model,
+        lm_reject=lm_reject,
         damping_bounds=damping_bounds,
         gram_mode=gram_mode,
         layers=layers,
@@ -717,6 +731,7 @@ def scale_by_smw_gn(
     lm_factor: float = 1.01,
     lm_thresholds: tuple[float, float] = (0.25, 0.75),
     lm_model: str = "damped",
+    lm_reject: bool = False,
     damping_bounds: tuple[float, float] = (1e-8, 1e8),
     gram_mode: str = "auto",
     layers: Any = None,
@@ -743,7 +758,7 @@ def scale_by_smw_gn(
         ``ValueError`` at trace time, naming ``output_samples`` and the curvature batch.
       seed: seed of the output subsampling (static).
       l2, momentum, adapt_damping, lm_factor, lm_thresholds: as in :func:`scale_by_smw_ng`.
-      lm_model, damping_bounds, gram_mode, layers, fallback, on_nonfinite: as in
+      lm_model, lm_reject, damping_bounds, gram_mode, layers, fallback, on_nonfinite: as in
         :func:`scale_by_smw_ng`.
 
     Returns:
@@ -876,6 +891,7 @@ def scale_by_smw_gn(
         lm_factor=lm_factor,
         lm_thresholds=lm_thresholds,
         lm_model=lm_model,
+        lm_reject=lm_reject,
         damping_bounds=damping_bounds,
         layers=layers,
         fallback=fallback,
@@ -898,6 +914,7 @@ def smw_gn(
     lm_factor: float = 1.01,
     lm_thresholds: tuple[float, float] = (0.25, 0.75),
     lm_model: str = "damped",
+    lm_reject: bool = False,
     damping_bounds: tuple[float, float] = (1e-8, 1e8),
     gram_mode: str = "auto",
     layers: Any = None,
@@ -917,7 +934,7 @@ def smw_gn(
     examples and an ``(mc) × (mc)`` Cholesky solve; ``output_samples`` bounds ``c``. Keyword
     arguments are those of :func:`scale_by_smw_gn`; ``curvature_batch``, ``output_samples``,
     ``max_system_size``,
-    ``seed``, ``momentum``, ``weight_decay`` and ``adapt_damping`` are static. Steps with
+    ``seed``, ``momentum``, ``weight_decay``, ``adapt_damping`` and ``lm_reject`` are static. Steps with
     non-finite values are skipped and counted (``on_nonfinite``, as in :func:`smw_ng`).
 
     Example:
@@ -959,6 +976,7 @@ def smw_gn(
         lm_factor=lm_factor,
         lm_thresholds=lm_thresholds,
         lm_model=lm_model,
+        lm_reject=lm_reject,
         damping_bounds=damping_bounds,
         gram_mode=gram_mode,
         layers=layers,
