@@ -642,3 +642,19 @@ def test_gram_equals_plain_product_and_is_symmetric(d):
         g = np.asarray(linalg.gram(jnp.asarray(x), block=128))
     np.testing.assert_allclose(g, x.T @ x, rtol=1e-10, atol=1e-10)
     np.testing.assert_array_equal(g, g.T)
+
+
+@pytest.mark.parametrize("d", [5, 300, 700])
+@pytest.mark.parametrize("append_one", [False, True])
+def test_gram_with_diagonal_and_appended_ones_match_the_explicit_product(d, append_one):
+    x = np.random.default_rng(d + 1).standard_normal((40, d))
+    xh = np.concatenate([x, np.ones((40, 1))], axis=1) if append_one else x
+    with jax.enable_x64(True):
+        g, diag = linalg.gram(jnp.asarray(x), block=128, with_diagonal=True, append_one=append_one)
+        plain = linalg.gram(jnp.asarray(x), block=128, append_one=append_one)
+    g, diag = np.asarray(g), np.asarray(diag)
+    assert g.shape == (d + append_one, d + append_one)
+    np.testing.assert_allclose(g, xh.T @ xh, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(g, g.T)
+    np.testing.assert_array_equal(diag, np.diagonal(g))
+    np.testing.assert_array_equal(plain, g)

@@ -365,8 +365,10 @@ def test_lm_reject_zeroes_only_steps_that_raise_the_loss():
 
         gn = kfqn_jax.scale_by_smw_gn(LAM, loss=loss, curvature_batch=M, lm_reject=True)
         outputs = model.apply({"params": params}, x)
-        probe = lambda v: kfx.layer_stats(  # noqa: E731
-            model, params, x[:M], targets=v, loss=kfqn_jax.OutputProbe(), with_outputs=False
+        probe = (
+            lambda v: kfx.layer_stats(  # noqa: E731
+                model, params, x[:M], targets=v, loss=kfqn_jax.OutputProbe(), with_outputs=False
+            )
         )
         d_gn, state = gn.update(
             out.grads,

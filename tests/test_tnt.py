@@ -124,6 +124,12 @@ def test_blocked_symmetric_contractions_of_large_modes():
             tnt_lib.mode_contractions(g, layout), np_contractions(g, shape), strict=True
         ):
             np.testing.assert_allclose(c, c_ref, rtol=1e-12, atol=1e-12)
+        # The diagonals read from the products equal those of the assembled contractions;
+        # a diagonal mode's statistic is its own diagonal.
+        layout = tnt_lib.ModeLayout(shape, shape, (True, False, True))
+        cs, ds = tnt_lib.mode_contractions(g, layout, with_diagonals=True)
+        for c, dg, full in zip(cs, ds, layout.full, strict=True):
+            np.testing.assert_array_equal(dg, np.diagonal(c) if full else c)
 
 
 @pytest.mark.parametrize("mode", tnt_lib.DAMPING_MODES)

@@ -194,6 +194,8 @@ def _scale_by_kbfgs(
         raise ValueError(
             f"{name}: max_growth must be None or a number > 1, got {max_growth!r}; e.g. 2."
         )
+    safety.check_on_nonfinite(name, on_nonfinite)
+    fused = on_nonfinite == "skip"
     if fallback is None:
         fallback = optax.ema(decay=momentum, debias=False) if momentum > 0 else optax.identity()
 
@@ -307,6 +309,14 @@ def _scale_by_kbfgs(
         for s in stats:
             a = layers_lib.inputs_matrix(s).astype(dtype)
             a_mats.append(a.reshape(-1, a.shape[-1]))
+        a_bars = [jnp.mean(a2, axis=0) for a2 in a_mats]
+
+        # on_nonfinite="skip" is fused into the step (as in kfac.py): `ok` says the gradients
+        # and every statistic the step reads are finite (a column mean is finite only if its
+        # column is), and gates each state update inside the operation that makes it.
+        ok = jnp.asarray(True)
+        if fused:
+            ok = linalg.is_finite(jax.tree_util.tree_leaves(updates)) & linalg.is_finite(a_bars)
 
         # A statistics (EMA, weight max(1 - beta, 1 / (n + 1)): the first batch is taken whole).
         a_f = state.a_factors
@@ -314,23 +324,36 @@ def _scale_by_kbfgs(
         if a_statistic == "ema":
             n = a_count.astype(dtype)
             w = 1.0 / (n + 1.0) if warm_start else jnp.maximum(1.0 - ema_decay, 1.0 / (n + 1.0))
+            grams = [
+                linalg.gram(a, with_diagonal=True) for a in a_mats
+            ]  # diagonals for the check, without writing the Gram out twice
+            b_rows = [s.a.shape[0] for s in stats]
+            if fused:
+                for old, (_, dg), b in zip(state.a_factors, grams, b_rows, strict=True):
+                    ok &= safety.ema_finite(w, old, dg / b)
             a_f = tuple(
-                (1.0 - w) * old + w * (linalg.gram(a) / s.a.shape[0])
-                for old, a, s in zip(state.a_factors, a_mats, stats, strict=True)
+                jnp.where(ok, (1.0 - w) * old + w * (gm / b), old)
+                for old, (gm, _), b in zip(state.a_factors, grams, b_rows, strict=True)
             )
-            a_count = optax.safe_increment(a_count)
+            a_count = jnp.where(ok, optax.safe_increment(a_count), a_count)
         if warm_start:
             zero = jax.tree.map(jnp.zeros_like, updates)
-            return zero, state._replace(a_factors=a_f, a_count=a_count)
+            return zero, state._replace(
+                a_factors=a_f,
+                a_count=a_count,
+                nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32),
+            )
 
         means = [_means(s, dtype, name) for s in stats]
+        if fused:
+            ok &= linalg.is_finite(means)
         h_g = list(state.h_g)
         s_bar = list(state.s_bar)
         y_bar = list(state.y_bar)
 
         # Lagged extra pass: the pair of the previous step, from this call's statistics.
         if not closure:
-            active = count > 0
+            active = (count > 0) & ok
             for i, (h_mean, g_mean) in enumerate(means):
                 s_pair = state.prev_h[i] - h_mean
                 y_pair = state.prev_g[i] - g_mean
@@ -345,6 +368,7 @@ def _scale_by_kbfgs(
             do_inv = count == 0
             if a_side == "inverse":
                 do_inv = do_inv | (count % inverse_every == 0)
+            do_inv = do_inv & ok
             b = s.a.shape[0]
 
             def invert(ops, b=b):
@@ -374,7 +398,7 @@ def _scale_by_kbfgs(
             mat = layers_lib.homogeneous_grad(kernel, bias, m).astype(dtype)
             if momentum > 0:
                 mat = momentum * state.momentum[bi] + (1.0 - momentum) * mat
-                new_mom.append(mat)
+                new_mom.append(jnp.where(ok, mat, state.momentum[bi]))
             pre = apply_hg(h_g[bi], jnp.matmul(h_a[bi], mat, precision=lax.Precision.HIGHEST))
             w_, b_ = layers_lib.split_homogeneous(pre, m)
             leaves[ki] = w_.astype(kernel.dtype)
@@ -391,8 +415,12 @@ def _scale_by_kbfgs(
             trial_raw = stats_fn(trial)
             base.check_layer_stats(name, trial_raw)
             trial_stats = match_stats(name, metas, trial_raw)
-            for i, ts in enumerate(trial_stats):
-                s_pair, y_pair = _mean_differences(stats[i], ts, dtype, name)
+            pairs = [
+                _mean_differences(stats[i], ts, dtype, name) for i, ts in enumerate(trial_stats)
+            ]
+            if fused:
+                ok &= linalg.is_finite(pairs)
+            for i, (s_pair, y_pair) in enumerate(pairs):
                 h_g[i], s_bar[i], y_bar[i] = g_side(
                     h_g[i],
                     s_bar[i],
@@ -401,7 +429,7 @@ def _scale_by_kbfgs(
                     y_pair,
                     jnp.linalg.norm(means[i][1]),
                     mu2[i],
-                    jnp.asarray(True),
+                    ok,
                 )
 
         # A side: one Hessian-action BFGS update per step.
@@ -409,7 +437,7 @@ def _scale_by_kbfgs(
             for i, s in enumerate(stats):
                 a2 = a_mats[i]
                 b = s.a.shape[0]
-                a_bar = jnp.mean(a2, axis=0)
+                a_bar = a_bars[i]
                 s_a = jnp.matmul(h_a[i], a_bar, precision=lax.Precision.HIGHEST)
                 if a_statistic == "ema":
                     y_a = jnp.matmul(a_f[i], s_a, precision=lax.Precision.HIGHEST)
@@ -417,29 +445,41 @@ def _scale_by_kbfgs(
                     y_a = jnp.matmul(a2.T, jnp.matmul(a2, s_a), precision=lax.Precision.HIGHEST)
                     y_a = y_a / b
                 y_a = y_a + lam_a[i] * s_a
-                ok = bfgs_lib.should_update(s_a, y_a, jnp.linalg.norm(a_bar), skip_eps)
+                take = ok & bfgs_lib.should_update(s_a, y_a, jnp.linalg.norm(a_bar), skip_eps)
                 cand = bfgs_lib.bfgs_inverse_update(h_a[i], s_a, y_a)
-                ok = ok & linalg.is_finite(cand)
-                h_a[i] = jnp.where(ok, cand, h_a[i])
+                take = take & linalg.is_finite(cand)
+                h_a[i] = jnp.where(take, cand, h_a[i])
+
+        new_count, nonfinite = optax.safe_increment(count), state.nonfinite_count
+        prev_h = tuple(hm for hm, _ in means) if not closure else ()
+        prev_g = tuple(gm for _, gm in means) if not closure else ()
+        if fused:
+            leaves, new_count, nonfinite = safety.finish_skip(ok, leaves, count, nonfinite)
+            new_updates = jax.tree_util.tree_unflatten(treedef, leaves)
+            fb_state = jax.tree.map(
+                lambda n, o: jnp.where(ok, n, o), fb_state, state.fallback_state
+            )
+            prev_h = tuple(jnp.where(ok, n, o) for n, o in zip(prev_h, state.prev_h, strict=True))
+            prev_g = tuple(jnp.where(ok, n, o) for n, o in zip(prev_g, state.prev_g, strict=True))
 
         new_state = ScaleByKBFGSState(
-            count=optax.safe_increment(count),
-            nonfinite_count=state.nonfinite_count,
+            count=new_count,
+            nonfinite_count=nonfinite,
             a_count=a_count,
             a_factors=a_f,
             h_a=tuple(h_a),
             h_g=tuple(h_g),
             s_bar=tuple(s_bar),
             y_bar=tuple(y_bar),
-            prev_h=tuple(hm for hm, _ in means) if not closure else (),
-            prev_g=tuple(gm for _, gm in means) if not closure else (),
+            prev_h=prev_h,
+            prev_g=prev_g,
             momentum=tuple(new_mom),
             fallback_state=fb_state,
         )
         return new_updates, new_state
 
     guarded = safety.guard_nonfinite(
-        update_fn, on_nonfinite, name, (base.LAYER_STATS,), init_fn=init_fn
+        update_fn, on_nonfinite, name, (base.LAYER_STATS,), init_fn=init_fn, fused=True
     )
     return optax.GradientTransformationExtraArgs(init_fn, guarded)
 

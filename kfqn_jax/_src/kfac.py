@@ -99,19 +99,28 @@ def match_stats(method: str, metas: Sequence[LayerMeta], layer_stats: Any) -> li
     return out
 
 
-def factor_stats(stats: LayerStats, fisher: str, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """``A`` and ``G`` of one batch (see the module docstring)."""
+def factor_stats(
+    stats: LayerStats, fisher: str, dtype: Any, with_diagonals: bool = False
+) -> tuple[jax.Array, ...]:
+    """``A`` and ``G`` of one batch (see the module docstring); with ``with_diagonals``, also
+    their diagonals (``A, G, diag A, diag G``), read from the products (see
+    :func:`linalg.gram`)."""
     b = stats.a.shape[0]
     t = stats.a.shape[1]
-    a = layers_lib.inputs_matrix(stats).astype(dtype)
+    if stats.meta.kind == "embed":
+        raise ValueError(f"{stats.meta.name}: embedding inputs are ids, not a matrix.")
+    # The homogeneous 1 of a bias is appended inside the Gram, without copying the inputs.
+    a = stats.a.astype(dtype)
     g = {"true": stats.g_sampled, "empirical": stats.g, "exact": stats.g_exact}[fisher]
     g = g.astype(dtype)
     # 2-D matmuls (one contracting axis) so that every backend uses its GEMM kernel.
     a2 = a.reshape(-1, a.shape[-1])
     g2 = g.reshape(-1, g.shape[-1])  # "exact": the Hessian-root columns are summed over too
-    a_f = linalg.gram(a2) / b
-    g_f = linalg.gram(g2) * (b / t)
-    return a_f, g_f
+    a_f, a_d = linalg.gram(a2, with_diagonal=True, append_one=stats.meta.has_bias)
+    g_f, g_d = linalg.gram(g2, with_diagonal=True)
+    a_f, a_d = a_f / b, a_d / b
+    g_f, g_d = g_f * (b / t), g_d * (b / t)
+    return (a_f, g_f, a_d, g_d) if with_diagonals else (a_f, g_f)
 
 
 def _group_by_size(mats: Sequence[jax.Array]) -> dict[int, list[int]]:
@@ -298,12 +307,14 @@ def scale_by_kfac(
             if warm_start:
                 w = 1.0 / (n.astype(dtype) + 1.0)
             ok = jnp.asarray(grads_ok)
-            batch = [factor_stats(s, fisher, dtype) for s in cur]
+            # The finiteness check reads the diagonals from the products, so that the factors'
+            # panel assembly fuses into the EMA below instead of being written out twice.
+            batch = [factor_stats(s, fisher, dtype, with_diagonals=True) for s in cur]
             if fused:
-                for (af, gf), ao, go in zip(batch, a_old, g_old, strict=True):
-                    ok &= safety.ema_finite(w, ao, af) & safety.ema_finite(w, go, gf)
+                for (_, _, ad, gd), ao, go in zip(batch, a_old, g_old, strict=True):
+                    ok &= safety.ema_finite(w, ao, ad) & safety.ema_finite(w, go, gd)
             a_new, g_new = [], []
-            for (af, gf), ao, go in zip(batch, a_old, g_old, strict=True):
+            for (af, gf, _, _), ao, go in zip(batch, a_old, g_old, strict=True):
                 a_new.append(jnp.where(ok, (1 - w) * ao + w * af, ao))
                 g_new.append(jnp.where(ok, (1 - w) * go + w * gf, go))
             return tuple(a_new), tuple(g_new), jnp.where(ok, n + 1, n), ok

@@ -702,7 +702,13 @@ def kron_mvp(
     return _matmul(_matmul(a, m), g)
 
 
-def gram(x: jax.typing.ArrayLike, *, block: int = 192) -> jax.Array:
+def gram(
+    x: jax.typing.ArrayLike,
+    *,
+    block: int = 192,
+    with_diagonal: bool = False,
+    append_one: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""``x^T x`` for ``x`` of shape ``(n, d)``, exploiting symmetry for large ``d``.
 
     .. math:: G = X^T X, \qquad G_{ij} = \sum_k X_{ki} X_{kj}
@@ -717,25 +723,44 @@ def gram(x: jax.typing.ArrayLike, *, block: int = 192) -> jax.Array:
     Args:
       x: a 2-D array.
       block: minimum panel width; below ``2 * block`` columns the plain product is used.
+      with_diagonal: also return ``diag(G)``, read from the products themselves. A caller that
+        checks the diagonal (e.g. for finiteness) and then consumes ``G`` in one elementwise
+        operation lets XLA fuse the assembly of the panels into that operation instead of
+        writing ``G`` out and reading it back.
+      append_one: the Gram matrix of ``[x, 1]`` (a column of ones appended, the homogeneous
+        coordinate of a layer with a bias), ``(d + 1, d + 1)``, without forming ``[x, 1]``:
+        the extra row and column are the column sums of ``x`` and ``n``.
 
     Returns:
-      The ``(d, d)`` Gram matrix.
+      The ``(d, d)`` Gram matrix, or ``(G, diag(G))`` with ``with_diagonal``.
     """
     x = jnp.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"gram expects a 2-D array, got shape {x.shape}.")
-    d = x.shape[1]
-    if d < 2 * block:
-        g = _matmul(x.T, x)
-        return symmetrize(g)
-    k = d // block
+    n, d = x.shape
+    k = d // block if d >= 2 * block else 1
     cuts = [d * i // k for i in range(k + 1)]
-    panels = [x[:, cuts[i] : cuts[i + 1]] for i in range(k)]
-    rows = [[None] * k for _ in range(k)]
+    panels = [x[:, cuts[i] : cuts[i + 1]] for i in range(k)] if k > 1 else [x]
+    # One level of row blocks (their final concatenation fuses into the caller's use).
+    rows = [[None] * (k + append_one) for _ in range(k + append_one)]
+    diags = []
     for i in range(k):
-        rows[i][i] = symmetrize(_matmul(panels[i].T, panels[i]))
+        g_ii = _matmul(panels[i].T, panels[i])
+        diags.append(jnp.diagonal(g_ii))
+        rows[i][i] = symmetrize(g_ii)
         for j in range(i + 1, k):
             blk = _matmul(panels[i].T, panels[j])
             rows[i][j] = blk
             rows[j][i] = blk.T
-    return jnp.block(rows)
+    if append_one:
+        for i in range(k):
+            col = jnp.sum(panels[i], axis=0)
+            rows[i][k] = col[:, None]
+            rows[k][i] = col[None, :]
+        corner = jnp.full((1, 1), n, x.dtype)
+        rows[k][k] = corner
+        diags.append(corner[0])
+    g = rows[0][0] if len(rows) == 1 else jnp.block(rows)
+    if not with_diagonal:
+        return g
+    return g, (diags[0] if len(diags) == 1 else jnp.concatenate(diags))

@@ -14,8 +14,9 @@ args, or create them itself (an overflowing factor, a failed inverse). Every met
   layer's factor NaN), while a field the method never reads is harmless and does not skip the
   step. The check itself is cheap (about 1% of a step); the select between the new and the
   old state is a memory pass over the whole state (7-16% of a step on a CPU,
-  ``benchmarks/RESULTS.md``). KFAC and TNT therefore do not use this wrapper for ``"skip"``:
-  they gate their own state updates with the flag inside the operations that make them.
+  ``benchmarks/RESULTS.md``). KFAC, TNT and K-BFGS (both variants) therefore do not use
+  this wrapper for ``"skip"``: they gate their own state updates with the flag inside the
+  operations that make them.
 * ``"raise"``: the same check, and a ``FloatingPointError`` raised from the device through
   ``jax.debug.callback``. Outside ``jit`` it propagates as is; under ``jit`` JAX reports it as
   a ``jax.errors.JaxRuntimeError`` whose message contains the ``FloatingPointError`` text,

@@ -667,9 +667,9 @@ def smw_ng(
     of the network is formed), and a back-projection ``J^T v̂`` per layer. Keyword arguments
     are those of :func:`scale_by_smw_ng`; ``curvature_batch``, ``momentum``, ``weight_decay``,
     ``adapt_damping`` and ``lm_reject`` are static for ``optax.inject_hyperparams``.
-    ``on_nonfinite`` (``"skip"``, ``"raise"`` or ``"ignore"``) says what a step with NaN or infinite gradients,
-    statistics or results does; by default it is skipped and counted in ``nonfinite_count``
-    of the state.
+    ``on_nonfinite`` (``"skip"``, ``"raise"`` or ``"ignore"``) says what a step with NaN or
+    infinite gradients, statistics or results does; by default it is skipped and counted in
+    ``nonfinite_count`` of the state.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
@@ -933,9 +933,9 @@ def smw_gn(
     plus ``τθ`` (or its moving average). Costs ``c`` backward passes over the ``m`` curvature
     examples and an ``(mc) × (mc)`` Cholesky solve; ``output_samples`` bounds ``c``. Keyword
     arguments are those of :func:`scale_by_smw_gn`; ``curvature_batch``, ``output_samples``,
-    ``max_system_size``,
-    ``seed``, ``momentum``, ``weight_decay``, ``adapt_damping`` and ``lm_reject`` are static. Steps with
-    non-finite values are skipped and counted (``on_nonfinite``, as in :func:`smw_ng`).
+    ``max_system_size``, ``seed``, ``momentum``, ``weight_decay``, ``adapt_damping`` and
+    ``lm_reject`` are static. Steps with non-finite values are skipped and counted
+    (``on_nonfinite``, as in :func:`smw_ng`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn

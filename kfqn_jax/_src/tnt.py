@@ -118,34 +118,46 @@ def layouts_of(tree: Any, reshape: Any, max_dim: int | None) -> list[ModeLayout]
     return out
 
 
-def _symmetric_contraction(x: jax.Array, axis: int, others: tuple[int, ...]) -> jax.Array:
-    """``X_(axis) X_(axis)ᵀ`` exploiting symmetry: with ``x`` split in halves along ``axis``,
-    ``C = [[C_00, C_01], [C_01ᵀ, C_11]]`` where the diagonal blocks recurse (down to
-    ``_SYMMETRIC_SPLIT_MIN``), which saves up to half of the flops of one product."""
+def _symmetric_contraction(
+    x: jax.Array, axis: int, others: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """``X_(axis) X_(axis)ᵀ`` exploiting symmetry, and its diagonal: with ``x`` split in halves
+    along ``axis``, ``C = [[C_00, C_01], [C_01ᵀ, C_11]]`` where the diagonal blocks recurse
+    (down to ``_SYMMETRIC_SPLIT_MIN``), which saves up to half of the flops of one product.
+    The diagonal is read from the products, so a caller that checks it and then consumes ``C``
+    elementwise lets XLA fuse the outer assembly into that use."""
     d = x.shape[axis]
     if d < 2 * _SYMMETRIC_SPLIT_MIN:
-        return jnp.tensordot(x, x, axes=(others, others), precision=_HIGHEST)
+        c = jnp.tensordot(x, x, axes=(others, others), precision=_HIGHEST)
+        return c, jnp.diagonal(c)
     h = d // 2
     x0 = lax.slice_in_dim(x, 0, h, axis=axis)
     x1 = lax.slice_in_dim(x, h, d, axis=axis)
     c01 = jnp.tensordot(x0, x1, axes=(others, others), precision=_HIGHEST)
-    c00 = _symmetric_contraction(x0, axis, others)
-    c11 = _symmetric_contraction(x1, axis, others)
-    return jnp.block([[c00, c01], [c01.T, c11]])
+    c00, d00 = _symmetric_contraction(x0, axis, others)
+    c11, d11 = _symmetric_contraction(x1, axis, others)
+    return jnp.block([[c00, c01], [c01.T, c11]]), jnp.concatenate([d00, d11])
 
 
-def mode_contractions(g: jax.Array, layout: ModeLayout) -> list[jax.Array]:
-    """``C_i = G_(i) G_(i)ᵀ`` per mode (its diagonal for diagonal modes) of ``g``."""
+def mode_contractions(
+    g: jax.Array, layout: ModeLayout, with_diagonals: bool = False
+) -> list[jax.Array] | tuple[list[jax.Array], list[jax.Array]]:
+    """``C_i = G_(i) G_(i)ᵀ`` per mode (its diagonal for diagonal modes) of ``g``; with
+    ``with_diagonals``, also the diagonal of each (the vector itself for diagonal modes)."""
     x = g.reshape(layout.modes)
     k = len(layout.modes)
-    out = []
+    out, diags = [], []
     for i in range(k):
         others = tuple(j for j in range(k) if j != i)
         if not layout.full[i]:
-            out.append(jnp.sum(x * x, axis=others))
+            c = jnp.sum(x * x, axis=others)
+            out.append(c)
+            diags.append(c)
             continue
-        out.append(_symmetric_contraction(x, i, others))
-    return out
+        c, dg = _symmetric_contraction(x, i, others)
+        out.append(c)
+        diags.append(dg)
+    return (out, diags) if with_diagonals else out
 
 
 def mode_product(x: jax.Array, mat: jax.Array, axis: int, full: bool) -> jax.Array:
@@ -453,11 +465,11 @@ def scale_by_tnt(
             for g, lo, fac in zip(src, layouts, old, strict=True):
                 dt = fac[0].dtype
                 w = ema_weight(ema_decay, n, dt, warm_start)
-                cs = mode_contractions(g.astype(dt), lo)
+                cs, ds = mode_contractions(g.astype(dt), lo, with_diagonals=True)
                 pairs.append((w, cs))
                 if fused:
-                    for s_, c in zip(fac, cs, strict=True):
-                        ok &= safety.ema_finite(w, s_, c)
+                    for s_, dg in zip(fac, ds, strict=True):
+                        ok &= safety.ema_finite(w, s_, dg)
             out = []
             for (w, cs), fac in zip(pairs, old, strict=True):
                 out.append(
