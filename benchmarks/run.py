@@ -411,6 +411,15 @@ def _plot(result, out_dir: Path) -> list[str]:
         ax.set_xlabel("epoch" if kind == "epoch" else "seconds (compilation excluded)")
         ax.set_ylabel("loss")
         ax.set_yscale("log")
+        # A diverged run must not squash the others: cap the axis at twice the largest
+        # starting loss (the diverged part leaves the plot, its status is in the JSON).
+        starts = [
+            r["losses"][0]
+            for r in result["optimizers"].values()
+            if r.get("losses") and r["losses"][0] is not None and math.isfinite(r["losses"][0])
+        ]
+        if starts:
+            ax.set_ylim(top=2.0 * max(starts))
         ax.set_title(f"{problem}: loss vs {'epoch' if kind == 'epoch' else 'wall time'}")
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
