@@ -265,6 +265,69 @@ def test_smw_gn_output_subsampling_is_the_scaled_column_subset():
         np.testing.assert_allclose(_flat(d), ref, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "loss_name", ["softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error"]
+)
+def test_smw_gn_sketch_is_the_dense_solve_with_the_sketched_hessians(loss_name):
+    """``output_sampling="sketch"``: Q_i is replaced by (1/s) Σ_k (L_i r_k)(L_i r_k)^T with the
+    step's Rademacher signs; L_i is built here densely and independently of the code."""
+    c, s, seed = 5, 2, 3
+    with jax.enable_x64(True):
+        model, params, x, y, loss = _problem("mlp", True, loss_name, out=c)
+        tx = kfqn_jax.scale_by_smw_gn(
+            LAM,
+            loss=loss,
+            curvature_batch=M,
+            adapt_damping=False,
+            output_samples=s,
+            output_sampling="sketch",
+            seed=seed,
+        )
+
+        @jax.jit
+        def run(params):
+            out = kfx.value_grads_and_stats(
+                model, params, x, targets=y, loss=loss, exact_fisher=True
+            )
+            args = _gn_probe_args(model, params, x, M)
+            d_probe = tx.update(out.grads, tx.init(params), params, **args)[0]
+            d_exact = tx.update(out.grads, tx.init(params), params, layer_stats=out.stats)[0]
+            return out.grads, d_probe, d_exact
+
+        grads, d_probe, d_exact = run(params)
+        z = np.asarray(model.apply({"params": params}, x[:M]))
+        key = jax.random.fold_in(jax.random.key(seed), 0)
+        signs = np.asarray(jax.random.rademacher(key, (s, M, c), jnp.float64))
+        qs = []
+        for i in range(M):
+            if loss_name == "softmax_cross_entropy":
+                p = np.exp(z[i] - z[i].max())
+                p /= p.sum()
+                root = (np.eye(c) - np.outer(p, np.ones(c))) @ np.diag(np.sqrt(p))
+            else:
+                h = np.asarray(jax.hessian(lambda zi: loss(zi[None], y[i : i + 1]))(z[i]))
+                root = np.diag(np.sqrt(np.diagonal(h)))
+            np.testing.assert_allclose(root @ root.T, _loss_hessian(loss, z[i], y[i]), atol=1e-12)
+            v = root @ signs[:, i, :].T  # (c, s)
+            qs.append(v @ v.T / s)
+        flat, unravel = ravel_pytree(params)
+        jac = jax.vmap(
+            lambda xi: jax.jacrev(lambda fp: model.apply({"params": unravel(fp)}, xi[None])[0])(
+                flat
+            )
+        )(x[:M])
+        jac = np.asarray(jac)
+        ggn = np.mean([j.T @ q @ j for j, q in zip(jac, qs, strict=True)], axis=0)
+        ref = _dense_solve(ggn, _flat(grads), LAM)
+        np.testing.assert_allclose(_flat(d_probe), ref, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(_flat(d_exact), ref, rtol=1e-9, atol=1e-12)
+
+
+def _loss_hessian(loss, zi, yi):
+    """The per-example loss Hessian in the outputs, by autodiff (sum over the batch of 1)."""
+    return np.asarray(jax.hessian(lambda v: loss(v[None], yi[None]))(jnp.asarray(zi)))
+
+
 def _problem32(*args):
     with jax.enable_x64(True):
         model, params, x, y, loss = _problem(*args)

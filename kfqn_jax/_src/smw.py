@@ -250,6 +250,24 @@ def hessian_sqrt_columns(loss: losses_lib.Loss, outputs: jax.Array, cols: jax.Ar
     return jnp.moveaxis(sqrt[:, :, cols], -1, 0)
 
 
+def hessian_sqrt_sketch(loss: losses_lib.Loss, outputs: jax.Array, signs: jax.Array) -> jax.Array:
+    """``L_i r_{k,i}`` for sign vectors ``signs`` of shape ``(s, m, c)``, as ``(s, m, c)``.
+
+    With independent Rademacher ``r``, ``E[(L_i r)(L_i r)^T] = L_i L_i^T = ∇²_z ℓ_i``: each
+    probe mixes every output, where a column of ``L_i`` covers one.
+    """
+    if isinstance(loss, losses_lib.SoftmaxCrossEntropy):
+        # Column k of L_i is sqrt(p_k) (e_k - p), so L_i r = sqrt(p) * r - p (sqrt(p) . r).
+        p = jax.nn.softmax(outputs, axis=-1)
+        q = jnp.sqrt(p)[None] * signs
+        return q - p[None] * jnp.sum(q, axis=-1, keepdims=True)
+    if isinstance(loss, (losses_lib.SigmoidCrossEntropy, losses_lib.SquaredError)):
+        diag = loss.hvp(outputs, jnp.ones_like(outputs))
+        return jnp.sqrt(jnp.maximum(diag, 0.0))[None] * signs
+    sqrt = loss.hessian_sqrt(outputs)  # (m, c, c)
+    return jnp.einsum("mcd,smd->smc", sqrt, signs)
+
+
 # ---------------------------------------------------------------------------------------------
 # The transformation, shared by both methods.
 
@@ -723,6 +741,7 @@ def scale_by_smw_gn(
     loss: Any = "softmax_cross_entropy",
     curvature_batch: int | None = None,
     output_samples: int | None = None,
+    output_sampling: str = "columns",
     max_system_size: int = 8192,
     seed: int = 0,
     l2: float = 0.0,
@@ -754,6 +773,11 @@ def scale_by_smw_gn(
         all examples), scaled by ``√(c/s)`` so that ``G`` is unbiased, and solve an
         ``(ms) × (ms)`` system instead. ``None``: all ``c``. Static. Columns come from
         ``fold_in(key(seed), step)``.
+      output_sampling: how the ``s`` directions are drawn: ``"columns"`` (default) as above,
+        or ``"sketch"``: ``s`` random sign combinations ``L_i r / √s`` of all columns, per
+        example (also unbiased). For losses with diagonal Hessians and many outputs (an
+        autoencoder's pixels), a column covers one output and a sketch covers all of them,
+        so the sketch estimate of ``G`` has far less variance. Static.
       max_system_size: largest ``m·c`` (or ``m·s``) allowed (static). A larger system raises
         ``ValueError`` at trace time, naming ``output_samples`` and the curvature batch.
       seed: seed of the output subsampling (static).
@@ -783,6 +807,7 @@ def scale_by_smw_gn(
     """
     if output_samples is not None:
         base.check_positive_int("smw_gn", "output_samples", output_samples, what=" or None (all)")
+    base.check_choice("smw_gn", "output_sampling", output_sampling, ("columns", "sketch"))
     base.check_positive_int("smw_gn", "max_system_size", max_system_size)
     _check_common(
         "smw_gn",
@@ -832,9 +857,18 @@ def scale_by_smw_gn(
                 raise ValueError(
                     f"smw_gn: curvature_batch={num} exceeds the captured batch of {batch}."
                 )
-            cols, scale = directions(st.g_exact.shape[0], num, count)
+            c = st.g_exact.shape[0]
+            cols, scale = directions(c, num, count)
             a = layers_lib.inputs_matrix(st)[:num].astype(dtype)
-            gam = st.g_exact[cols, :num].astype(dtype) * (batch * scale)
+            if output_sampling == "sketch" and len(cols) < c:
+                # Backprop is linear: the sketch of the columns' cotangents is their signed sum.
+                key = jax.random.fold_in(jax.random.key(seed), count)
+                signs = jax.random.rademacher(key, (len(cols), num, c), dtype)
+                g_cols = st.g_exact[:, :num].astype(dtype)
+                gam = jnp.einsum("cn...,snc->sn...", g_cols, signs)
+                gam = gam * (batch / jnp.sqrt(float(len(cols))))
+            else:
+                gam = st.g_exact[cols, :num].astype(dtype) * (batch * scale)
             blocks.append(_make_block(a, gam, gram_mode))
         return list(metas), blocks, num
 
@@ -862,7 +896,12 @@ def scale_by_smw_gn(
             return [], [], num
         cols, scale = directions(c, num, count)
         z = jax.lax.stop_gradient(outputs[:num]).astype(dtype)
-        probes = hessian_sqrt_columns(loss_obj, z, cols) * scale  # (s, m, c)
+        if output_sampling == "sketch" and len(cols) < c:
+            key = jax.random.fold_in(jax.random.key(seed), count)
+            signs = jax.random.rademacher(key, (len(cols), num, c), dtype)
+            probes = hessian_sqrt_sketch(loss_obj, z, signs) / jnp.sqrt(float(len(cols)))
+        else:
+            probes = hessian_sqrt_columns(loss_obj, z, cols) * scale  # (s, m, c)
         stats_all = jax.vmap(probe_fn)(probes.astype(outputs.dtype))
         # Per-layer statistics: inputs do not depend on the probe (take one copy).
         stats = match_stats("smw_gn", metas, stats_all)
@@ -907,6 +946,7 @@ def smw_gn(
     weight_decay: float = 0.0,
     curvature_batch: int | None = None,
     output_samples: int | None = None,
+    output_sampling: str = "columns",
     max_system_size: int = 8192,
     seed: int = 0,
     momentum: float = 0.0,
@@ -969,6 +1009,7 @@ def smw_gn(
         loss=loss,
         curvature_batch=curvature_batch,
         output_samples=output_samples,
+        output_sampling=output_sampling,
         max_system_size=max_system_size,
         seed=seed,
         momentum=momentum,
