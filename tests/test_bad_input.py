@@ -118,6 +118,7 @@ OPTIONS = [
     ("smw_ng", "fisher"),
     ("smw_ng", "lm_model"),
     ("smw_gn", "gram_mode"),
+    ("smw_gn", "output_sampling"),
 ] + [(m, "on_nonfinite") for m in METHODS]
 
 
