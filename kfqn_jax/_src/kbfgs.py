@@ -324,9 +324,9 @@ def _scale_by_kbfgs(
         if a_statistic == "ema":
             n = a_count.astype(dtype)
             w = 1.0 / (n + 1.0) if warm_start else jnp.maximum(1.0 - ema_decay, 1.0 / (n + 1.0))
-            grams = [
-                linalg.gram(a, with_diagonal=True) for a in a_mats
-            ]  # diagonals for the check, without writing the Gram out twice
+            # The diagonals for the check come from the products (the Gram is not written out
+            # twice).
+            grams = [linalg.gram(a, with_diagonal=True) for a in a_mats]
             b_rows = [s.a.shape[0] for s in stats]
             if fused:
                 for old, (_, dg), b in zip(state.a_factors, grams, b_rows, strict=True):
@@ -456,11 +456,9 @@ def _scale_by_kbfgs(
         if fused:
             leaves, new_count, nonfinite = safety.finish_skip(ok, leaves, count, nonfinite)
             new_updates = jax.tree_util.tree_unflatten(treedef, leaves)
-            fb_state = jax.tree.map(
-                lambda n, o: jnp.where(ok, n, o), fb_state, state.fallback_state
-            )
-            prev_h = tuple(jnp.where(ok, n, o) for n, o in zip(prev_h, state.prev_h, strict=True))
-            prev_g = tuple(jnp.where(ok, n, o) for n, o in zip(prev_g, state.prev_g, strict=True))
+            fb_state = safety.select_tree(ok, fb_state, state.fallback_state)
+            prev_h = safety.select_tree(ok, prev_h, state.prev_h)
+            prev_g = safety.select_tree(ok, prev_g, state.prev_g)
 
         new_state = ScaleByKBFGSState(
             count=new_count,

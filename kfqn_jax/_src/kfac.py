@@ -100,15 +100,14 @@ def match_stats(method: str, metas: Sequence[LayerMeta], layer_stats: Any) -> li
 
 
 def factor_stats(
-    stats: LayerStats, fisher: str, dtype: Any, with_diagonals: bool = False
-) -> tuple[jax.Array, ...]:
-    """``A`` and ``G`` of one batch (see the module docstring); with ``with_diagonals``, also
-    their diagonals (``A, G, diag A, diag G``), read from the products (see
+    stats: LayerStats, fisher: str, dtype: Any
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``A`` and ``G`` of one batch (see the module docstring) and their diagonals
+    ``(A, G, diag A, diag G)``, the diagonals read from the products (see
     :func:`linalg.gram`)."""
     b = stats.a.shape[0]
     t = stats.a.shape[1]
-    if stats.meta.kind == "embed":
-        raise ValueError(f"{stats.meta.name}: embedding inputs are ids, not a matrix.")
+    layers_lib.check_matrix_inputs(stats)
     # The homogeneous 1 of a bias is appended inside the Gram, without copying the inputs.
     a = stats.a.astype(dtype)
     g = {"true": stats.g_sampled, "empirical": stats.g, "exact": stats.g_exact}[fisher]
@@ -120,7 +119,7 @@ def factor_stats(
     g_f, g_d = linalg.gram(g2, with_diagonal=True)
     a_f, a_d = a_f / b, a_d / b
     g_f, g_d = g_f * (b / t), g_d * (b / t)
-    return (a_f, g_f, a_d, g_d) if with_diagonals else (a_f, g_f)
+    return a_f, g_f, a_d, g_d
 
 
 def _group_by_size(mats: Sequence[jax.Array]) -> dict[int, list[int]]:
@@ -309,7 +308,7 @@ def scale_by_kfac(
             ok = jnp.asarray(grads_ok)
             # The finiteness check reads the diagonals from the products, so that the factors'
             # panel assembly fuses into the EMA below instead of being written out twice.
-            batch = [factor_stats(s, fisher, dtype, with_diagonals=True) for s in cur]
+            batch = [factor_stats(s, fisher, dtype) for s in cur]
             if fused:
                 for (_, _, ad, gd), ao, go in zip(batch, a_old, g_old, strict=True):
                     ok &= safety.ema_finite(w, ao, ad) & safety.ema_finite(w, go, gd)
@@ -345,10 +344,6 @@ def scale_by_kfac(
             invs = batched_damped_inverses(list(a_facs) + list(g_facs), da + dg)
             return invs[: len(idx)], invs[len(idx) :]
 
-        def keep_finite(new, old):
-            ok = linalg.is_finite(new)
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
         early = (count < inverse_every) & do_stats & ok
         a_inv, g_inv = list(state.a_inverses), list(state.g_inverses)
         nb = len(metas)
@@ -359,7 +354,7 @@ def scale_by_kfac(
             def branch(ops):
                 new = refresh(range(nb), a_f, g_f)
                 return tuple(
-                    keep_finite((na, ng), (oa, og))
+                    linalg.where_finite((na, ng), (oa, og))
                     for na, ng, oa, og in zip(*new, *ops, strict=True)
                 )
 
@@ -381,7 +376,7 @@ def scale_by_kfac(
 
                 def branch(ops, i=i):
                     (na,), (ng,) = refresh([i], [ops[0]], [ops[1]])
-                    return keep_finite((na, ng), (ops[2], ops[3]))
+                    return linalg.where_finite((na, ng), (ops[2], ops[3]))
 
                 a_inv[i], g_inv[i] = lax.cond(
                     do_i, branch, lambda ops: (ops[2], ops[3]), (a_f[i], g_f[i], a_inv[i], g_inv[i])
@@ -411,9 +406,7 @@ def scale_by_kfac(
         new_count = optax.safe_increment(count)
         if fused:
             leaves, new_count, nonfinite = safety.finish_skip(ok, leaves, count, nonfinite)
-            fb_state = jax.tree.map(
-                lambda n, o: jnp.where(ok, n, o), fb_state, state.fallback_state
-            )
+            fb_state = safety.select_tree(ok, fb_state, state.fallback_state)
         new_updates = jax.tree_util.tree_unflatten(treedef, leaves)
         new_state = ScaleByKFACState(
             count=new_count,

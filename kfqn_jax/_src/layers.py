@@ -149,11 +149,16 @@ def append_ones(a: Array) -> Array:
     return jnp.concatenate([a, jnp.ones_like(a[..., :1])], axis=-1)
 
 
+def check_matrix_inputs(stats: LayerStats) -> None:
+    """Raises ``ValueError`` for an embedding, whose recorded inputs are ids."""
+    if stats.meta.kind == "embed":
+        raise ValueError(f"{stats.meta.name}: embedding inputs are ids, not a matrix.")
+
+
 def inputs_matrix(stats: LayerStats, homogeneous: bool | None = None) -> Array:
     """Layer inputs ``(B, T, d_in (+1))``, with the homogeneous 1 appended when the layer has a
     bias (or when ``homogeneous`` says so)."""
-    if stats.meta.kind == "embed":
-        raise ValueError(f"{stats.meta.name}: embedding inputs are ids, not a matrix.")
+    check_matrix_inputs(stats)
     if homogeneous is None:
         homogeneous = stats.meta.has_bias
     return append_ones(stats.a) if homogeneous else stats.a

@@ -85,6 +85,11 @@ def _select(ok: jax.Array, new: Any, old: Any) -> Any:
     return jnp.where(ok, new, old).astype(dtype)
 
 
+def select_tree(ok: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` if ``ok`` else ``old``, leaf by leaf (a skipped step keeps the old state)."""
+    return jax.tree.map(functools.partial(_select, ok), new, old)
+
+
 def _raise_nonfinite(
     method: str, names: tuple[str, ...], grads_ok: Any, extra_ok: Any, out_ok: Any
 ) -> None:
@@ -159,7 +164,7 @@ def guard_nonfinite(
                 functools.partial(_raise_nonfinite, method, names), grads_ok, extra_ok, out_ok
             )
         skipped = state._replace(nonfinite_count=optax.safe_increment(state.nonfinite_count))
-        new_state = jax.tree.map(functools.partial(_select, ok), new_state, skipped)
+        new_state = select_tree(ok, new_state, skipped)
         new_updates = jax.tree.map(
             lambda u: jnp.where(ok, u, jnp.zeros((), jnp.result_type(u))), new_updates
         )

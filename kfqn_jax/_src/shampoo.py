@@ -212,7 +212,7 @@ def scale_by_shampoo(
                 new = shampoo_roots(
                     fac, lo, jnp.asarray(damp, dt), p, root_method, newton_iters, newton_tol
                 )
-                return tnt_lib.keep_finite(new, pre)
+                return linalg.where_finite(new, pre)
 
             if inverse_every == 1:
                 new_precs.append(refresh((fac, tuple(pre))))

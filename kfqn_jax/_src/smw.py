@@ -822,7 +822,7 @@ def scale_by_smw_gn(
     )
     loss_obj = losses_lib.as_loss(loss)
 
-    def directions(c: int, num: int, count):
+    def n_directions(c: int, num: int) -> int:
         n_dirs = c if output_samples is None or output_samples >= c else output_samples
         if num * n_dirs > max_system_size:
             raise ValueError(
@@ -832,10 +832,23 @@ def scale_by_smw_gn(
                 f"directions per step, e.g. s={max(1, max_system_size // num)}), a smaller "
                 "curvature_batch, or raise max_system_size."
             )
+        return n_dirs
+
+    def directions(c: int, num: int, count):
+        n_dirs = n_directions(c, num)
         if n_dirs == c:
             return jnp.arange(c), 1.0
         key = jax.random.fold_in(jax.random.key(seed), count)
         return jax.random.choice(key, c, (n_dirs,), replace=False), (c / n_dirs) ** 0.5
+
+    def sketch_signs(c: int, num: int, count, dtype):
+        """Rademacher signs ``(s, m, c)`` for ``output_sampling="sketch"`` with ``s < c``;
+        ``None`` when the output columns themselves are used."""
+        n_dirs = n_directions(c, num)
+        if output_sampling != "sketch" or n_dirs == c:
+            return None
+        key = jax.random.fold_in(jax.random.key(seed), count)
+        return jax.random.rademacher(key, (n_dirs, num, c), dtype)
 
     def from_exact(updates, dtype, layer_stats, count):
         # Rows from the capture's exact-GGN cotangents (value_grads_and_stats(...,
@@ -858,16 +871,15 @@ def scale_by_smw_gn(
                     f"smw_gn: curvature_batch={num} exceeds the captured batch of {batch}."
                 )
             c = st.g_exact.shape[0]
-            cols, scale = directions(c, num, count)
             a = layers_lib.inputs_matrix(st)[:num].astype(dtype)
-            if output_sampling == "sketch" and len(cols) < c:
+            signs = sketch_signs(c, num, count, dtype)
+            if signs is not None:
                 # Backprop is linear: the sketch of the columns' cotangents is their signed sum.
-                key = jax.random.fold_in(jax.random.key(seed), count)
-                signs = jax.random.rademacher(key, (len(cols), num, c), dtype)
                 g_cols = st.g_exact[:, :num].astype(dtype)
                 gam = jnp.einsum("cn...,snc->sn...", g_cols, signs)
-                gam = gam * (batch / jnp.sqrt(float(len(cols))))
+                gam = gam * (batch / jnp.sqrt(float(signs.shape[0])))
             else:
+                cols, scale = directions(c, num, count)
                 gam = st.g_exact[cols, :num].astype(dtype) * (batch * scale)
             blocks.append(_make_block(a, gam, gram_mode))
         return list(metas), blocks, num
@@ -894,13 +906,12 @@ def scale_by_smw_gn(
             )
         if not metas:
             return [], [], num
-        cols, scale = directions(c, num, count)
         z = jax.lax.stop_gradient(outputs[:num]).astype(dtype)
-        if output_sampling == "sketch" and len(cols) < c:
-            key = jax.random.fold_in(jax.random.key(seed), count)
-            signs = jax.random.rademacher(key, (len(cols), num, c), dtype)
-            probes = hessian_sqrt_sketch(loss_obj, z, signs) / jnp.sqrt(float(len(cols)))
+        signs = sketch_signs(c, num, count, dtype)
+        if signs is not None:
+            probes = hessian_sqrt_sketch(loss_obj, z, signs) / jnp.sqrt(float(signs.shape[0]))
         else:
+            cols, scale = directions(c, num, count)
             probes = hessian_sqrt_columns(loss_obj, z, cols) * scale  # (s, m, c)
         stats_all = jax.vmap(probe_fn)(probes.astype(outputs.dtype))
         # Per-layer statistics: inputs do not depend on the probe (take one copy).

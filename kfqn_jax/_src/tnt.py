@@ -230,12 +230,6 @@ def flatten_like(treedef: Any, tree: Any, what: str, method: str) -> list:
         ) from e
 
 
-def keep_finite(new: Any, old: Any) -> Any:
-    """``new`` where every leaf of it is finite, else ``old`` (one flag for the group)."""
-    ok = linalg.is_finite(new)
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-
 def with_warm_start(chain: optax.GradientTransformationExtraArgs, inner: Any, index: int):
     """Wraps an ``optax.chain`` so that ``update(..., warm_start=True)`` only folds statistics
     into the state of its element ``index`` (``inner``) and returns zero updates."""
@@ -508,7 +502,7 @@ def scale_by_tnt(
             def refresh(ops, lo=lo, dt=dt):
                 fac, inv = ops
                 new = tnt_inverses(fac, lo, jnp.asarray(damp, dt), damping_mode)
-                return keep_finite(new, inv)
+                return linalg.where_finite(new, inv)
 
             if inverse_every == 1 and not fused:
                 new_inv.append(refresh((fac, inv)))
