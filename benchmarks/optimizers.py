@@ -398,7 +398,14 @@ def _lstm_gate_blocks(path, shape):
     return tuple(path[:-1])
 
 
-_NAMED_BLOCKS = {"lstm_gates": _lstm_gate_blocks}
+def _top_module_blocks(path, shape):
+    """BDHF blocks: one per top-level module (for ``char_lstm``: the embedding, each LSTM layer
+    with all its gates, the output layer)."""
+    del shape
+    return path[0]
+
+
+_NAMED_BLOCKS = {"lstm_gates": _lstm_gate_blocks, "lstm_layers": _top_module_blocks}
 
 
 def _hessian_free_builder(name: str):

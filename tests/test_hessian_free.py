@@ -52,14 +52,16 @@ def _dense_ggn(model_fn, loss, params):
 
 
 def _block_index(params, blocks):
-    """Per flat parameter, its block id, from the same masks the transform uses."""
+    """Per flat parameter, its block id, from the partition the transform uses."""
     bm = ggn.block_masks(params, blocks)
-    masks = bm.tree(jnp.float64)
-    flats = []
-    for b in range(bm.num_blocks):
-        tree = jax.tree.map(lambda m, p: jnp.broadcast_to(m[b], p.shape), masks, params)
-        flats.append(np.asarray(ravel_pytree(tree)[0]))
-    return np.argmax(np.stack(flats), axis=0), bm.num_blocks
+    ids = jax.tree_util.tree_unflatten(
+        bm.treedef,
+        [
+            np.broadcast_to(np.asarray(i, np.float64), np.shape(p))
+            for i, p in zip(bm.index, jax.tree.leaves(params), strict=True)
+        ],
+    )
+    return np.asarray(ravel_pytree(ids)[0]).astype(int), bm.num_blocks
 
 
 def test_ggn_vector_product_matches_dense():
@@ -96,17 +98,24 @@ def test_block_products_match_dense_blocks(blocks):
         idx, k = _block_index(params, blocks)
         assert k == (3 if blocks == "layer" else 5)
         bm = ggn.block_masks(params, blocks)
-        masks = bm.tree(jnp.float64)
-        _, gvp = ggn.linearize_ggn(model_fn, loss, params)
+        matvec = ggn.linearize_block_ggn(model_fn, loss, params, bm).matvec
         v = unravel(jax.random.normal(jax.random.key(2), (g_dense.shape[0],), jnp.float64))
-        out = ggn.block_gvp(gvp, masks, k)(ggn.stack_blocks(v, masks))
+        got = np.asarray(ravel_pytree(jax.jit(matvec)(v))[0])
         vf = np.asarray(ravel_pytree(v)[0])
+        want = np.zeros_like(vf)
         for b in range(k):
             sel = idx == b
-            want = np.zeros_like(vf)
             want[sel] = g_dense[np.ix_(sel, sel)] @ vf[sel]
-            got = np.asarray(ravel_pytree(jax.tree.map(lambda a, b=b: a[b], out))[0])
-            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        # The per-block inner products and the expansion of per-block scalars.
+        u = unravel(jax.random.normal(jax.random.key(4), (g_dense.shape[0],), jnp.float64))
+        uf = np.asarray(ravel_pytree(u)[0])
+        np.testing.assert_allclose(
+            bm.inner(u, v), [np.dot(uf[idx == b], vf[idx == b]) for b in range(k)], rtol=1e-12
+        )
+        s = jnp.arange(1.0, k + 1.0)
+        full = jax.tree.map(lambda e, a: jnp.broadcast_to(e, a.shape), bm.expand(s, v), v)
+        np.testing.assert_array_equal(ravel_pytree(full)[0], idx + 1.0)
 
 
 @pytest.mark.parametrize("precond", [False, True])
@@ -119,37 +128,39 @@ def test_block_cg_solves_each_block(precond):
         lam = 0.05
         g = np.asarray(jax.random.normal(jax.random.key(3), (n,), jnp.float64))
         idx, k = _block_index(params, "layer")
-        masks = ggn.block_masks(params, "layer").tree(jnp.float64)
-        _, gvp = ggn.linearize_ggn(model_fn, loss, params)
-        g_mv = ggn.block_gvp(gvp, masks, k)
+        bm = ggn.block_masks(params, "layer")
+        g_mv = ggn.linearize_block_ggn(model_fn, loss, params, bm).matvec
 
         def matvec(v):
             return jax.tree.map(lambda a, b: a + lam * b, g_mv(v), v)
 
-        b = ggn.stack_blocks(unravel(-jnp.asarray(g)), masks)
+        b = unravel(-jnp.asarray(g))
         x0 = jax.tree.map(jnp.zeros_like, b)
         pre = None
         if precond:
-            diag = unravel(jnp.asarray(np.linspace(0.5, 3.0, n)))
-            pre = jax.tree.map(lambda d: (1.0 / d)[None], diag)
-        res = hf.block_cg(matvec, b, x0, max_iters=3 * n, progress_tol=0.0, precond=pre)
+            pre = unravel(1.0 / jnp.asarray(np.linspace(0.5, 3.0, n)))
+        res = hf.block_cg(matvec, b, x0, max_iters=3 * n, blocks=bm, progress_tol=0.0, precond=pre)
+        got = np.asarray(ravel_pytree(res.x)[0])
         for bl in range(k):
             sel = idx == bl
             want = np.linalg.solve(g_dense[np.ix_(sel, sel)] + lam * np.eye(sel.sum()), -g[sel])
-            got = np.asarray(ravel_pytree(jax.tree.map(lambda a, bl=bl: a[bl], res.x))[0])
             np.testing.assert_allclose(got[sel], want, rtol=1e-7, atol=1e-9)
-            np.testing.assert_array_equal(got[~sel], 0.0)
         # Per-block stopping: blocks stop on their own (p^T A p vanishes at different times).
         assert res.block_iters.shape == (k,)
 
 
-def _solve_with_transform(factory, blocks):
+def _solve_with_transform(factory, blocks, **kw):
     model, params, x, y, x_curv, loss = _problem(3)
     loss_fn = lambda p: loss(model.apply({"params": p}, x), y)  # noqa: E731
     model_fn = lambda p: model.apply({"params": p}, x_curv)  # noqa: E731
     lam = 0.1
     tx = factory(
-        damping=lam, max_cg_iters=200, progress_tol=0.0, backtracking=False, line_search=False
+        damping=lam,
+        max_cg_iters=200,
+        progress_tol=0.0,
+        backtracking=False,
+        line_search=False,
+        **kw,
     )
     state = tx.init(params)
     grads = jax.grad(loss_fn)(params)
@@ -163,6 +174,12 @@ def _solve_with_transform(factory, blocks):
     for b in range(k):
         sel = idx == b
         want[sel] = np.linalg.solve(g_dense[np.ix_(sel, sel)] + lam * np.eye(sel.sum()), -gf[sel])
+    if kw.get("block_combination", "subspace") == "subspace" and k > 1:
+        # Rescale the block solutions to minimise the full damped GN model on their span.
+        cols = np.stack([np.where(idx == b, want, 0.0) for b in range(k)], axis=1)
+        m = cols.T @ g_dense @ cols + lam * np.diag(np.sum(cols**2, axis=0))
+        alpha = np.linalg.solve(m, -cols.T @ gf)
+        want = cols @ alpha
     return np.asarray(ravel_pytree(upd)[0]), want, state
 
 
@@ -175,10 +192,22 @@ def test_hessian_free_step_is_damped_gauss_newton_solve():
 
 def test_block_hessian_free_equals_independent_dense_solves():
     with jax.enable_x64(True):
-        got, want, _ = _solve_with_transform(kfqn_jax.block_hessian_free, "layer")
+        got, want, _ = _solve_with_transform(
+            kfqn_jax.block_hessian_free, "layer", block_combination="sum"
+        )
         np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-10)
         full, _, _ = _solve_with_transform(kfqn_jax.hessian_free, "all")
         assert not np.allclose(got, full, rtol=1e-3)  # block-diagonal is a different model
+
+
+def test_block_hessian_free_subspace_combination_matches_dense():
+    with jax.enable_x64(True):
+        got, want, _ = _solve_with_transform(kfqn_jax.block_hessian_free, "layer")
+        np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-10)
+        summed, _, _ = _solve_with_transform(
+            kfqn_jax.block_hessian_free, "layer", block_combination="sum"
+        )
+        assert not np.allclose(got, summed, rtol=1e-3)
 
 
 def test_backtrack_grid_is_martens():
@@ -190,9 +219,16 @@ def test_relative_progress_rule_stops_early():
     # A well-conditioned diagonal system: CG converges and Martens' rule stops it long
     # before the cap, block by block.
     with jax.enable_x64(True):
-        d = jnp.stack([jnp.linspace(1.0, 2.0, 300), jnp.linspace(1.0, 1e4, 300)])
-        b = {"w": jnp.ones((2, 300))}
-        res = hf.block_cg(lambda v: {"w": d * v["w"]}, b, {"w": jnp.zeros((2, 300))}, max_iters=200)
+        d = {"a": jnp.linspace(1.0, 2.0, 300), "b": jnp.linspace(1.0, 1e4, 300)}
+        b = {"a": jnp.ones(300), "b": jnp.ones(300)}
+        bm = ggn.block_masks(b, "leaf")
+        res = hf.block_cg(
+            lambda v: jax.tree.map(jnp.multiply, d, v),
+            b,
+            jax.tree.map(jnp.zeros_like, b),
+            max_iters=200,
+            blocks=bm,
+        )
         iters = np.asarray(res.block_iters)
         assert 10 < iters[0] < iters[1] < 200
         assert int(res.iters) == iters[1]

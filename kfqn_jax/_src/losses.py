@@ -15,6 +15,7 @@ papers; for a sequence model with outputs ``(batch, time, vocab)`` it is the mea
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -25,6 +26,84 @@ Array = jax.Array
 
 def _mean_leading(per_example: Array) -> Array:
     return jnp.mean(per_example)
+
+
+# Threefry-2x32 (20 rounds), as jax.random's: rotations and key-schedule constant.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_KS_PARITY = 0x1BD11BDA
+
+
+def _rotate_left(x: Array, r: int) -> Array:
+    return (x << jnp.uint32(r)) | (x >> jnp.uint32(32 - r))
+
+
+def _threefry2x32(k0: Array, k1: Array, x0: Array, x1: Array) -> tuple[Array, Array]:
+    """The threefry-2x32 hash of the counters ``(x0, x1)`` under the key ``(k0, k1)``, written
+    out in ``jnp`` (the same function as JAX's ``threefry2x32`` primitive)."""
+    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(_KS_PARITY))
+    x0 = x0 + ks[0]
+    x1 = x1 + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ _rotate_left(x1, r)
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x0, x1
+
+
+def _flat_index(shape: tuple[int, ...]) -> Array:
+    """Row-major flat index of every element of ``shape``, as ``uint32``."""
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+        index = index + iota * jnp.uint32(stride)
+        stride *= shape[axis]
+    return index
+
+
+def random_bits32(rng: Array, shape: tuple[int, ...]) -> Array:
+    """``jax.random.bits(rng, shape, jnp.uint32)``, computed in one fused pass on CPU.
+
+    For a threefry key (JAX's default) the result is exactly that of ``jax.random.bits``
+    (partitionable threefry, JAX's default): the threefry-2x32 hash of each element's flat
+    index, its two output words XORed. On the CPU backend JAX lowers the hash as a rolled loop
+    of five steps that each write their two state arrays to memory; written out in ``jnp``
+    here, XLA fuses it unrolled into the operation that consumes the bits. Other backends,
+    other key implementations, ``jax_threefry_partitionable=False`` and arrays of ``2^32`` or
+    more elements call ``jax.random.bits``.
+    """
+    shape = tuple(int(d) for d in shape)
+
+    def reference():
+        return jax.random.bits(rng, shape, jnp.uint32)
+
+    if (
+        not shape
+        or math.prod(shape) >= 2**32
+        or str(jax.random.key_impl(rng)) != "threefry2x32"
+        or not jax.config.jax_threefry_partitionable
+    ):
+        return reference()
+    key = jax.random.key_data(rng)
+
+    def fused():
+        hi, lo = _threefry2x32(key[0], key[1], jnp.zeros(shape, jnp.uint32), _flat_index(shape))
+        return hi ^ lo
+
+    return jax.lax.platform_dependent(cpu=fused, default=reference)
+
+
+def bernoulli_bits(bits: Array, p: Array) -> Array:
+    """Bernoulli(``p``) draws from uniform ``uint32`` ``bits``: ``bits < ⌊p · 2^32⌋``, and
+    ``True`` where ``p >= 1``. Exact to within ``2^-32``; ``p <= 0`` and NaN give ``False``.
+    The threshold is formed in at least float32 (``p · 2^32`` overflows float16)."""
+    p = p.astype(jnp.promote_types(p.dtype, jnp.float32))
+    # p < 1 in float32 is at most 1 - 2^-24, so p * 2^32 <= 2^32 - 2^8 fits in uint32.
+    below_one = jnp.where(p < 1, jnp.maximum(p, 0), 0)
+    threshold = (below_one * 2.0**32).astype(jnp.uint32)
+    return (bits < threshold) | (p >= 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +211,17 @@ class SigmoidCrossEntropy(Loss):
         return jnp.sum(vals, axis=-1)
 
     def sample(self, rng, outputs):
+        """Bernoulli labels ``ŷ ~ Bernoulli(sigmoid(outputs))``, in the dtype of ``outputs``.
+
+        Each label compares 32 random bits ``u`` (``jax.random.bits(rng, ...)``, see
+        :func:`random_bits32`) with the probability on the same scale: ``ŷ = 1`` iff
+        ``u < ⌊p · 2^32⌋``, and always for ``p = 1``. So ``P(ŷ = 1)`` is ``p`` to within
+        ``2^-32`` (``jax.random.bernoulli`` compares with a uniform float of 23 random bits),
+        and no floats are made from the bits. The labels are a deterministic function of
+        ``rng`` and ``outputs``.
+        """
         p = jax.nn.sigmoid(jax.lax.stop_gradient(outputs))
-        return jax.random.bernoulli(rng, p).astype(outputs.dtype)
+        return bernoulli_bits(random_bits32(rng, p.shape), p).astype(outputs.dtype)
 
     def hvp(self, outputs, v):
         p = jax.nn.sigmoid(outputs)
