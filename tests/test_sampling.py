@@ -91,3 +91,18 @@ def test_random_bits_under_vmap_and_for_other_key_kinds():
     np.testing.assert_array_equal(
         losses_src.random_bits32(rbg, (5, 7)), jax.random.bits(rbg, (5, 7), jnp.uint32)
     )
+
+
+def test_sigmoid_cross_entropy_gradient_is_sigmoid_minus_target():
+    # Including z = 0 exactly (a zero-initialised output layer), where max(z, 0) and |z| have
+    # kinks; and far in the tails.
+    with jax.enable_x64(True):
+        z = jnp.array([[0.0, 0.0, 1e-3, -40.0, 40.0, 3.0]])
+        t = jnp.array([[0.0, 1.0, 0.3, 1.0, 0.0, 0.5]])
+        loss = losses.sigmoid_cross_entropy()
+        got = jax.grad(lambda o: jnp.sum(loss.per_example(o, t)))(z)
+        want = 1.0 / (1.0 + np.exp(-np.asarray(z))) - np.asarray(t)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
+        value = loss.per_example(z, t)
+        want_value = np.sum(np.logaddexp(0.0, np.asarray(z)) - np.asarray(z * t))
+        np.testing.assert_allclose(value, want_value, rtol=1e-12)

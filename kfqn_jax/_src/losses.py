@@ -206,8 +206,9 @@ class SigmoidCrossEntropy(Loss):
                 "sigmoid_cross_entropy: targets must have the shape of the logits "
                 f"{outputs.shape}, got {targets.shape}."
             )
-        # log(1 + exp(z)) - t z, written stably.
-        vals = jnp.maximum(outputs, 0) - outputs * targets + jnp.log1p(jnp.exp(-jnp.abs(outputs)))
+        # log(1 + exp(z)) - t z. softplus is stable and its derivative is sigmoid(z) everywhere;
+        # max(z, 0) + log1p(exp(-|z|)) has the same value but differentiates to 0 at z = 0.
+        vals = jax.nn.softplus(outputs) - outputs * targets
         return jnp.sum(vals, axis=-1)
 
     def sample(self, rng, outputs):
