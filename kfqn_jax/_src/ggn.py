@@ -174,16 +174,6 @@ class BlockMasks:
                 out.append(s[jnp.asarray(idx)].reshape(np.shape(leaf)))
         return jax.tree_util.tree_unflatten(self.treedef, out)
 
-    def block_tree(self, b: int, like: PyTree, dtype: Any) -> PyTree:
-        """The 0/1 indicator of block ``b`` as a tree shaped like ``like``."""
-        out = []
-        for idx, leaf in zip(self.index, jax.tree.leaves(like), strict=True):
-            if isinstance(idx, int):
-                out.append(jnp.full(np.shape(leaf), float(idx == b), dtype))
-            else:
-                out.append(jnp.asarray(idx == b, dtype))
-        return jax.tree_util.tree_unflatten(self.treedef, out)
-
 
 def _layer_label(path: tuple[Any, ...]) -> Hashable:
     return tuple(path[:-1]) if len(path) > 1 else tuple(path)

@@ -124,20 +124,6 @@ def backtrack_grid(max_iters: int) -> tuple[int, ...]:
         j += 1
 
 
-class _OneBlock:
-    """The trivial partition (plain CG), with the interface of :class:`ggn.BlockMasks`."""
-
-    num_blocks = 1
-
-    @staticmethod
-    def inner(u, v):
-        return _tree_vdot(u, v)[None]
-
-    @staticmethod
-    def expand(s, like):
-        return jax.tree.map(lambda _: s[0], like)
-
-
 def block_cg(
     matvec: Callable[[PyTree], PyTree],
     b: PyTree,
@@ -173,7 +159,7 @@ def block_cg(
     Returns:
       A :class:`BlockCGResult`.
     """
-    part = _OneBlock() if blocks is None else blocks
+    part = ggn.block_masks(b, "all") if blocks is None else blocks
     k_blocks = part.num_blocks
     dtype = jax.tree.leaves(b)[0].dtype
     sub = lambda u, v: jax.tree.map(jnp.subtract, u, v)  # noqa: E731
@@ -460,7 +446,7 @@ def scale_by_hessian_free(
             jax.tree.map(jnp.negative, grad),
             jax.tree.map(lambda d: warm_start_decay * d, state.direction),
             max_iters=max_cg_iters,
-            blocks=bm if bm.num_blocks > 1 else None,
+            blocks=bm,
             progress_tol=progress_tol,
             precond=precond,
             store_at=grid,
@@ -507,32 +493,29 @@ def scale_by_hessian_free(
         f_final = objective(final_step)
         zero = jnp.zeros([], dtype)
         if grid:
-            n_slots = len(grid)
 
             def bt_cond(c):
-                j, _, _, done, _, _ = c
+                j, _, done, _, _ = c
                 return (~done) & (j >= 0)
 
             def bt_body(c):
-                j, cur, f_cur, _, step_cur, red_cur = c
+                j, f_cur, _, step_cur, red_cur = c
                 step_j, red_j = combine(jax.tree.map(lambda a: a[j], res.stored))
                 f_j = objective(step_j)
                 # Strictly better by more than a few ulps: a tie within rounding goes to the
                 # later (more converged) iterate, so the choice does not flip with the order
                 # of summation (a batch sharded across devices, another JAX version).
                 better = f_j < f_cur - _TIE_ULPS * jnp.finfo(dtype).eps * jnp.abs(f_cur)
-                cur = jnp.where(better, j, cur).astype(jnp.int32)
                 step_cur = jax.tree.map(lambda n, o: jnp.where(better, n, o), step_j, step_cur)
                 if subspace:
                     red_cur = jnp.where(better, red_j, red_cur)
-                return j - 1, cur, jnp.where(better, f_j, f_cur), ~better, step_cur, red_cur
+                return j - 1, jnp.where(better, f_j, f_cur), ~better, step_cur, red_cur
 
-            _, _, f_p, _, direction, red = lax.while_loop(
+            _, f_p, _, direction, red = lax.while_loop(
                 bt_cond,
                 bt_body,
                 (
                     res.num_stored - 1,
-                    jnp.asarray(n_slots, jnp.int32),
                     f_final,
                     jnp.asarray(False),
                     final_step,
