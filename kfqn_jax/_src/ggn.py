@@ -156,7 +156,7 @@ class BlockMasks:
         split = []
         for idx, a, c in zip(self.index, jax.tree.leaves(u), jax.tree.leaves(v), strict=True):
             if isinstance(idx, int):
-                whole[idx].append(jnp.sum(a * c))
+                whole[idx].append(jnp.vdot(a, c))
             else:
                 split.append(jax.ops.segment_sum((a * c).reshape(-1), idx.reshape(-1), k))
         dtype = jnp.result_type(*jax.tree.leaves(u))
