@@ -405,7 +405,19 @@ def _top_module_blocks(path, shape):
     return path[0]
 
 
-_NAMED_BLOCKS = {"lstm_gates": _lstm_gate_blocks, "lstm_layers": _top_module_blocks}
+def _lstm_stack_blocks(path, shape):
+    """BDHF blocks for ``char_lstm``: one per LSTM layer with all its gates, the embedding in
+    the first layer's block (both feed the whole recurrence, so together they cost one block
+    product through it instead of two), and the output layer."""
+    del shape
+    return "LSTMCell_0" if path[0] == "Embed_0" else path[0]
+
+
+_NAMED_BLOCKS = {
+    "lstm_gates": _lstm_gate_blocks,
+    "lstm_layers": _top_module_blocks,
+    "lstm_stack": _lstm_stack_blocks,
+}
 
 
 def _hessian_free_builder(name: str):

@@ -259,6 +259,41 @@ def test_lm_damping_decreases_on_exact_quadratic_and_line_search_rejects():
         assert np.isclose(float(state[0].damping), 1.5)
 
 
+def test_min_damping_floors_the_adaptive_damping():
+    with jax.enable_x64(True):
+        # Exact quadratic (rho = 1): the damping would fall by 2/3 per step; the floor holds it.
+        x = jnp.array([[1.0, 2.0, -1.0], [0.5, -1.0, 2.0], [1.5, 0.2, 0.3], [0.0, 1.0, 1.0]])
+        t = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, -0.5]])
+        w = {"w": jnp.array([[0.3, -0.2], [0.1, 0.5], [0.0, 0.2]])}
+        loss = kfqn_jax.losses.squared_error()
+        model_fn = lambda p: x @ p["w"]  # noqa: E731
+        loss_fn = lambda p: loss(model_fn(p), t)  # noqa: E731
+        extra = dict(model_fn=model_fn, output_loss=loss, loss_fn=loss_fn)
+        # The loss is a mean over 4 rows of 0.5 * squared error: GGN = kron(x^T x / 4, I_2).
+        g_dense = np.kron(np.asarray(x).T @ np.asarray(x) / 4, np.eye(2))
+        for factory in (kfqn_jax.hessian_free, kfqn_jax.block_hessian_free):
+            kw = {} if factory is kfqn_jax.hessian_free else {"blocks": "leaf"}
+            # damping below the floor starts at the floor and the step is solved with it.
+            tx = factory(
+                damping=1e-3, min_damping=0.5, max_cg_iters=20, backtracking=False,
+                line_search=False, **kw,
+            )
+            state = tx.init(w)
+            assert np.isclose(float(state[0].damping), 0.5)
+            params = w
+            for _ in range(3):
+                g = jax.grad(loss_fn)(params)
+                upd, state = tx.update(g, state, params, **extra)
+                want = np.linalg.solve(g_dense + 0.5 * np.eye(6), -np.ravel(g["w"]))
+                np.testing.assert_allclose(np.ravel(upd["w"]), want, rtol=1e-6, atol=1e-12)
+                assert np.isclose(float(state[0].damping), 0.5)
+                params = optax.apply_updates(params, upd)
+        with pytest.raises(ValueError, match="min_damping"):
+            kfqn_jax.hessian_free(min_damping=0.0)
+        with pytest.raises(ValueError, match="min_damping"):
+            kfqn_jax.block_hessian_free(min_damping=1e9)
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="max_cg_iters"):
         kfqn_jax.hessian_free(max_cg_iters=0)

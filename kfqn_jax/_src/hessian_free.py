@@ -62,7 +62,7 @@ SQ_GRADS = "sq_grads"
 _RHO_LOW, _RHO_HIGH = 0.25, 0.75
 _LM_UP, _LM_DOWN = 1.5, 2.0 / 3.0
 _ARMIJO_C, _ARMIJO_SHRINK, _ARMIJO_MAX_STEPS = 1e-2, 0.8, 60
-_MIN_DAMPING, _MAX_DAMPING = 1e-8, 1e8
+_MIN_DAMPING, _MAX_DAMPING = 1e-8, 1e8  # default floor, ceiling
 
 
 class ScaleByHessianFreeState(NamedTuple):
@@ -72,7 +72,7 @@ class ScaleByHessianFreeState(NamedTuple):
       count: number of steps taken (int32); a skipped step (see ``on_nonfinite``) does not
         count.
       nonfinite_count: number of steps skipped because of non-finite values (int32).
-      damping: the Levenberg-Marquardt damping ``λ`` for the next step, in [1e-8, 1e8].
+      damping: the Levenberg-Marquardt damping ``λ`` for the next step, in [min_damping, 1e8].
       direction: the last CG iterate of the previous step (its solution before backtracking),
         the warm start of the next CG run after decay; float32 (float64 with float64 params).
       cg_iters: CG iterations of the last step (for block-diagonal HF, of the slowest block).
@@ -277,6 +277,7 @@ def _fix_line(method: str) -> str:
 def scale_by_hessian_free(
     damping: float = 1.0,
     *,
+    min_damping: float = _MIN_DAMPING,
     blocks: Any = "all",
     max_cg_iters: int = 250,
     progress_tol: float = 5e-4,
@@ -299,9 +300,15 @@ def scale_by_hessian_free(
 
     Args:
       damping: initial Levenberg-Marquardt damping ``λ_0``, adapted every step from the
-        reduction ratio (×3/2 below 1/4, ×2/3 above 3/4; kept in [1e-8, 1e8], ``λ_0``
-        included: 1e-8 is the damping floor). Martens' demo
+        reduction ratio (×3/2 below 1/4, ×2/3 above 3/4; kept in
+        [``min_damping``, 1e8], ``λ_0`` included). Martens' demo
         starts at 45 for losses summed over outputs and averaged over examples.
+      min_damping: the floor of ``λ`` (default 1e-8, in effect no floor). The reduction ratio
+        is measured on the gradient batch the step was fitted to, so it cannot see a step
+        that overfits that batch; with long runs on small curvature batches ``λ`` can then
+        fall to the floor and the loss on *other* batches rises. A floor such as 1e-3 to 1e-2
+        keeps such steps in check (see ``benchmarks/RESULTS.md``: block-diagonal HF on the
+        character LSTM). A ``damping`` below the floor starts at the floor.
       blocks: ``"all"`` (plain HF), ``"layer"`` (one block per Flax module: a layer's kernel
         and bias), ``"leaf"``, or a function ``(path, shape) -> label`` (see
         :func:`kfqn_jax._src.ggn.block_masks`; put it in ``static_args`` of
@@ -367,6 +374,15 @@ def scale_by_hessian_free(
         if base.is_number(v) and not v >= 0:
             raise ValueError(f"{method}: {name} must be >= 0, got {v!r}.")
     base.check_damping(method, damping, schedule=False)
+    base.check_positive(
+        method,
+        "min_damping",
+        min_damping,
+        schedule=False,
+        fix="min_damping is the floor of the adaptive damping; pass e.g. min_damping=1e-3.",
+    )
+    if base.is_number(min_damping) and not min_damping < _MAX_DAMPING:
+        raise ValueError(f"{method}: min_damping must be < {_MAX_DAMPING:g}, got {min_damping!r}.")
     if block_combination not in ("sum", "subspace"):
         raise ValueError(
             f"{method}: block_combination must be 'sum' or 'subspace', got {block_combination!r}."
@@ -378,7 +394,7 @@ def scale_by_hessian_free(
         return ScaleByHessianFreeState(
             count=jnp.zeros([], jnp.int32),
             nonfinite_count=jnp.zeros([], jnp.int32),
-            damping=jnp.clip(jnp.asarray(damping, dtype), _MIN_DAMPING, _MAX_DAMPING),
+            damping=jnp.clip(jnp.asarray(damping, dtype), min_damping, _MAX_DAMPING),
             direction=jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params),
             cg_iters=jnp.zeros([], jnp.int32),
             step_size=jnp.zeros([], dtype),
@@ -533,7 +549,7 @@ def scale_by_hessian_free(
             lam * _LM_UP,
             jnp.where(rho > _RHO_HIGH, lam * _LM_DOWN, lam),
         )
-        new_lam = jnp.clip(new_lam, _MIN_DAMPING, _MAX_DAMPING)
+        new_lam = jnp.clip(new_lam, min_damping, _MAX_DAMPING)
 
         if line_search:
             slope = _tree_vdot(grad, direction)
@@ -589,6 +605,7 @@ def hessian_free(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     damping: float = 1.0,
     *,
+    min_damping: float = _MIN_DAMPING,
     max_cg_iters: int = 250,
     progress_tol: float = 5e-4,
     warm_start_decay: float = 0.95,
@@ -635,6 +652,7 @@ def hessian_free(
     return _with_lr(
         scale_by_hessian_free(
             damping,
+            min_damping=min_damping,
             blocks="all",
             max_cg_iters=max_cg_iters,
             progress_tol=progress_tol,
@@ -654,6 +672,7 @@ def block_hessian_free(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     damping: float = 1.0,
     *,
+    min_damping: float = _MIN_DAMPING,
     blocks: Any = "layer",
     max_cg_iters: int = 50,
     progress_tol: float = 5e-4,
@@ -703,6 +722,7 @@ def block_hessian_free(
     return _with_lr(
         scale_by_hessian_free(
             damping,
+            min_damping=min_damping,
             blocks=blocks,
             max_cg_iters=max_cg_iters,
             progress_tol=progress_tol,
