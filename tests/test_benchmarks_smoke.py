@@ -133,6 +133,29 @@ def test_problem_zoo_shapes():
     assert p.batch_size == 250 and p.x_train.shape == (5000, 784)
 
 
+def test_char_lstm_named_block_partitions():
+    import jax
+
+    from kfqn_jax._src import base, ggn
+
+    p = prob_lib.make_problem("char_lstm", quick=True)
+    params = jax.eval_shape(p.init_params, jax.random.key(0))
+    out = jax.eval_shape(lambda prm: p.model.apply({"params": prm}, p.x_train[:2]), params)
+    assert out.shape == (2, 32, 256)
+    stack = ggn.block_masks(params, opt_lib._NAMED_BLOCKS["lstm_stack"])
+    layers = ggn.block_masks(params, opt_lib._NAMED_BLOCKS["lstm_layers"])
+    gates = ggn.block_masks(params, opt_lib._NAMED_BLOCKS["lstm_gates"])
+    assert sorted(stack.labels) == ["Dense_0", "LSTMCell_0", "LSTMCell_1"]
+    assert sorted(layers.labels) == ["Dense_0", "Embed_0", "LSTMCell_0", "LSTMCell_1"]
+    assert gates.num_blocks == 2 * 4 + 2  # four gates per LSTM layer, embedding, output
+    # The embedding shares the first LSTM layer's block.
+    paths = [tuple(map(str, q)) for q in base.tree_paths(params)]
+    emb = paths.index(("Embed_0", "embedding"))
+    first = [j for j, q in enumerate(paths) if q[0] == "LSTMCell_0"]
+    assert all(stack.index[j] == stack.index[emb] for j in first)
+    assert p.paper_settings["block_hessian_free"]["blocks"] == "lstm_stack"
+
+
 def test_cnn_2c2d_shapes():
     import jax
     import jax.numpy as jnp

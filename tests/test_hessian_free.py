@@ -275,8 +275,12 @@ def test_min_damping_floors_the_adaptive_damping():
             kw = {} if factory is kfqn_jax.hessian_free else {"blocks": "leaf"}
             # damping below the floor starts at the floor and the step is solved with it.
             tx = factory(
-                damping=1e-3, min_damping=0.5, max_cg_iters=20, backtracking=False,
-                line_search=False, **kw,
+                damping=1e-3,
+                min_damping=0.5,
+                max_cg_iters=20,
+                backtracking=False,
+                line_search=False,
+                **kw,
             )
             state = tx.init(w)
             assert np.isclose(float(state[0].damping), 0.5)
