@@ -5,6 +5,10 @@
 * ``ggn_ratio``: time of one GGN-vector product ``J^T H J v`` (with the model linearized once,
   as inside the optimizer) over one gradient evaluation (``jax.value_and_grad`` of the loss),
   same batch. Measured as the slope over ``n`` products in one jitted ``fori_loop``.
+* ``curvature_ggn_product_ms`` / ``curvature_block_ggn_product_ms``: the same slope for the
+  whole and the block-diagonal GGN product on the curvature batch (the first
+  ``--curvature-fraction`` of the batch), i.e. the products of one HF and one BDHF CG
+  iteration; BDHF blocks from ``--blocks`` or the problem's settings.
 * ``*_per_cg_iter_ms``: the slope of a full optimizer update's time in the number of CG
   iterations (``progress_tol=0``, no backtracking, no line search), i.e. the marginal cost of
   a CG iteration of ``hessian_free`` and ``block_hessian_free``.
@@ -63,15 +67,25 @@ def main(argv=None):
     grad_fn = jax.jit(jax.value_and_grad(loss_fn))
     t_grad = _median_time(grad_fn, params)
 
-    def products(p_, v, n):
-        _, gvp = ggn.linearize_ggn(lambda q: prob.model.apply({"params": q}, x), prob.loss, p_)
-        return jax.lax.fori_loop(0, n, lambda i, u: gvp(u), v)
-
     v = jax.tree.map(lambda a: jnp.ones_like(a) * 1e-3, params)
-    f1 = jax.jit(lambda p_, v_: products(p_, v_, 1))
-    f11 = jax.jit(lambda p_, v_: products(p_, v_, 11))
-    t1, t11 = _median_time(f1, params, v), _median_time(f11, params, v)
-    t_gvp = (t11 - t1) / 10
+
+    def product_slope(matvec_at):
+        """Seconds per product (slope between 1 and 11 products after one linearization) and
+        the time of the linearization plus one product; ``matvec_at(params) -> matvec``."""
+
+        def products(p_, v_, n):
+            matvec = matvec_at(p_)
+            return jax.lax.fori_loop(0, n, lambda i, u: matvec(u), v_)
+
+        f1 = jax.jit(lambda p_, v_: products(p_, v_, 1))
+        f11 = jax.jit(lambda p_, v_: products(p_, v_, 11))
+        t1, t11 = _median_time(f1, params, v), _median_time(f11, params, v)
+        return (t11 - t1) / 10, t1
+
+    def apply_on(xx):
+        return lambda q: prob.model.apply({"params": q}, xx)
+
+    t_gvp, t1 = product_slope(lambda p_: ggn.linearize_ggn(apply_on(x), prob.loss, p_)[1])
     out = {
         "problem": args.problem,
         "batch": args.batch,
@@ -84,12 +98,19 @@ def main(argv=None):
     n_curv = max(1, int(round(args.batch * args.curvature_fraction)))
     xc = x[:n_curv]
     grads = grad_fn(params)[1]
+    blocks = args.blocks or prob.paper_settings.get("block_hessian_free", {}).get("blocks")
+    blocks = opt_lib._NAMED_BLOCKS.get(blocks, blocks) if blocks else "layer"
+    bm = ggn.block_masks(params, blocks)
+    # Products on the curvature batch, as inside the optimizers: the whole GGN (one HF CG
+    # iteration's product) and the block-diagonal one (one BDHF CG iteration's products).
+    t_full, _ = product_slope(lambda p_: ggn.linearize_ggn(apply_on(xc), prob.loss, p_)[1])
+    t_block, _ = product_slope(
+        lambda p_: ggn.linearize_block_ggn(apply_on(xc), prob.loss, p_, bm).matvec
+    )
+    out["curvature_ggn_product_ms"] = 1e3 * t_full
+    out["curvature_block_ggn_product_ms"] = 1e3 * t_block
     for name in ("hessian_free", "block_hessian_free"):
-        kw = {}
-        if name == "block_hessian_free":
-            blocks = args.blocks or prob.paper_settings.get(name, {}).get("blocks")
-            if blocks:
-                kw["blocks"] = opt_lib._NAMED_BLOCKS.get(blocks, blocks)
+        kw = {"blocks": blocks} if name == "block_hessian_free" else {}
         times = {}
         for m in (5, 25):
             tx = getattr(kfqn_jax, name)(
@@ -118,9 +139,7 @@ def main(argv=None):
             out[f"{name}_cg_iters_at_cap_{m}"] = int(fn(grads, state, params)[1][0].cg_iters)
         out[f"{name}_per_cg_iter_ms"] = 1e3 * (times[25] - times[5]) / 20
         out[f"{name}_update_ms_at_25_iters"] = 1e3 * times[25]
-    from kfqn_jax._src.ggn import block_masks
-
-    out["bdhf_num_blocks"] = block_masks(params, kw.get("blocks", "layer")).num_blocks
+    out["bdhf_num_blocks"] = bm.num_blocks
     out["curvature_batch"] = n_curv
     out["jax"] = jax.__version__
     out["device"] = str(jax.devices()[0])
