@@ -154,6 +154,13 @@ def test_char_lstm_named_block_partitions():
     first = [j for j, q in enumerate(paths) if q[0] == "LSTMCell_0"]
     assert all(stack.index[j] == stack.index[emb] for j in first)
     assert p.paper_settings["block_hessian_free"]["blocks"] == "lstm_stack"
+    # Both methods were tuned on the same grid and compared with the same CG cap, curvature
+    # batch and damping floor (benchmarks/RESULTS.md).
+    hf, bd = p.paper_settings["hessian_free"], p.paper_settings["block_hessian_free"]
+    for key in ("max_cg_iters", "curvature_fraction", "min_damping", "damping"):
+        assert hf[key] == bd[key], key
+    runner = opt_lib.build("block_hessian_free", p, {})
+    assert runner.hparams["curvature_fraction"] == bd["curvature_fraction"]
 
 
 def test_cnn_2c2d_shapes():
