@@ -163,6 +163,21 @@ def test_char_lstm_named_block_partitions():
     assert runner.hparams["curvature_fraction"] == bd["curvature_fraction"]
 
 
+def test_char_lstm_wide_is_char_lstm_with_128_units():
+    import jax
+
+    narrow = prob_lib.make_problem("char_lstm", quick=True)
+    wide = prob_lib.make_problem("char_lstm_wide", quick=True)
+    assert wide.name == "char_lstm_wide"
+    params = jax.eval_shape(wide.init_params, jax.random.key(0))
+    assert params["LSTMCell_1"]["hi"]["kernel"].shape == (128, 128)
+    assert params["Dense_0"]["kernel"].shape == (128, 256)
+    assert sum(leaf.size for leaf in jax.tree.leaves(params)) == 255_232
+    # Same data, same (not re-tuned) optimizer settings.
+    assert wide.paper_settings == narrow.paper_settings
+    assert (wide.x_train == narrow.x_train).all() and (wide.y_test == narrow.y_test).all()
+
+
 def test_cnn_2c2d_shapes():
     import jax
     import jax.numpy as jnp
