@@ -549,14 +549,16 @@ def char_corpus() -> bytes:
     return b"\n".join(parts)
 
 
-def char_lstm(quick: bool = False, data_dir=None, hidden: int = 64) -> Problem:
+def char_lstm(
+    quick: bool = False, data_dir=None, hidden: int = 64, name: str = "char_lstm"
+) -> Problem:
     """2-layer LSTM (64 units, byte embedding 32) predicting the next byte of Python sources.
 
     Non-overlapping windows of 33 bytes: inputs are the first 32, targets the last 32
     (softmax cross-entropy, mean over positions). The last 10% of windows are the test set.
     Quick: 4000 training windows. Not a paper problem (the BDHF paper's LSTM data and sizes are
-    not public, ALGORITHMS.md 5); a CPU-sized stand-in. ``hidden`` sets the LSTM width
-    (``char_lstm_wide``: 128 units, same data and optimizer settings).
+    not public, ALGORITHMS.md 5); a CPU-sized stand-in. ``hidden`` sets the LSTM width and ``name``
+    the problem's name (``char_lstm_wide``: 128 units, same data and optimizer settings).
     """
     del data_dir
     seq = 32
@@ -594,7 +596,7 @@ def char_lstm(quick: bool = False, data_dir=None, hidden: int = 64) -> Problem:
         },
     }
     return Problem(
-        name="char_lstm" if hidden == 64 else f"char_lstm_h{hidden}",
+        name=name,
         model=CharLSTM(hidden=hidden),
         loss=losses.softmax_cross_entropy(),
         x_train=train[:, :-1].astype(np.float32),
@@ -616,8 +618,7 @@ PROBLEMS["char_lstm"] = char_lstm
 def char_lstm_wide(quick: bool = False, data_dir=None) -> Problem:
     """:func:`char_lstm` with 128 LSTM units (255,232 parameters against 82,688), same data and
     optimizer settings (not re-tuned)."""
-    problem = char_lstm(quick=quick, data_dir=data_dir, hidden=128)
-    return dataclasses.replace(problem, name="char_lstm_wide")
+    return char_lstm(quick=quick, data_dir=data_dir, hidden=128, name="char_lstm_wide")
 
 
 PROBLEMS["char_lstm_wide"] = char_lstm_wide
