@@ -28,14 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kfqn_jax._src import extra_args
+
 Array = jax.Array
 PyTree = Any
 
-# Names of the extra arguments, in one place.
-LAYER_STATS = "layer_stats"
-STATS_FN = "stats_fn"
-SAMPLED_GRADS = "sampled_grads"
-LOSS_FN = "loss_fn"
+# The extra-argument names live in kfqn_jax._src.extra_args; re-exported for older imports.
+LAYER_STATS = extra_args.LAYER_STATS
+STATS_FN = extra_args.STATS_FN
+SAMPLED_GRADS = extra_args.SAMPLED_GRADS
+LOSS_FN = extra_args.LOSS_FN
 
 KINDS = ("dense", "conv", "embed")
 

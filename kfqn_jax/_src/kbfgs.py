@@ -54,7 +54,6 @@ from jax import lax
 from kfqn_jax._src import base, linalg, safety
 from kfqn_jax._src import bfgs as bfgs_lib
 from kfqn_jax._src import layers as layers_lib
-from kfqn_jax._src.kfac import match_stats
 
 KINDS = ("dense", "conv")
 
@@ -289,7 +288,7 @@ def _scale_by_kbfgs(
             )
         metas = blocks(updates)
         base.check_layer_stats(name, layer_stats)
-        stats = match_stats(name, metas, layer_stats)
+        stats = layers_lib.match_stats(name, metas, layer_stats)
         dtype = state.h_a[0].dtype if metas else jnp.float32
         count = state.count
         sqrt_damp = jnp.sqrt(_value(damping, count, dtype))
@@ -414,7 +413,7 @@ def _scale_by_kbfgs(
             )
             trial_raw = stats_fn(trial)
             base.check_layer_stats(name, trial_raw)
-            trial_stats = match_stats(name, metas, trial_raw)
+            trial_stats = layers_lib.match_stats(name, metas, trial_raw)
             pairs = [
                 _mean_differences(stats[i], ts, dtype, name) for i, ts in enumerate(trial_stats)
             ]

@@ -295,3 +295,41 @@ def resolve_layers(
                     "variables['params'] dict, or nnx.state(model, nnx.Param))."
                 )
     return metas
+
+
+def match_stats(method: str, metas: Sequence[LayerMeta], layer_stats: Any) -> list[LayerStats]:
+    """The statistics of each block, matched by kernel path, with shape checks."""
+    if not isinstance(layer_stats, dict):
+        raise TypeError(
+            f"{method}: layer_stats must be the dict returned in Captured.stats, got "
+            f"{type(layer_stats).__name__}."
+        )
+    by_path = {}
+    for s in layer_stats.values():
+        by_path[tuple(s.meta.kernel_path)] = s
+        by_path[("params",) + tuple(s.meta.kernel_path)] = s
+    out = []
+    for m in metas:
+        s = by_path.get(tuple(m.kernel_path))
+        if s is None:
+            raise ValueError(
+                f"{method}: no statistics for layer {m.name!r} (parameter {m.kernel_path}). Its "
+                "kernel has curvature state but the capture did not see the layer: is it a "
+                "Flax Dense/DenseGeneral/Conv (linen) or Linear/Conv (NNX) called in the "
+                "forward pass? Pass layers=kfqn_jax.flax.layer_metas(model, params, x) to the "
+                "optimizer to precondition exactly the captured layers."
+            )
+        if (s.meta.in_features, s.meta.out_features, s.meta.has_bias) != (
+            m.in_features,
+            m.out_features,
+            m.has_bias,
+        ):
+            raise ValueError(
+                f"{method}: layer {m.name!r}: the optimizer state was built for a "
+                f"{m.in_features}x{m.out_features} kernel matrix (bias={m.has_bias}) guessed "
+                f"from the parameter shapes, but the captured layer is "
+                f"{s.meta.in_features}x{s.meta.out_features} (bias={s.meta.has_bias}). Pass "
+                "layers=kfqn_jax.flax.layer_metas(model, params, x) to the optimizer."
+            )
+        out.append(s)
+    return out

@@ -77,7 +77,6 @@ from kfqn_jax._src import base, linalg, safety
 from kfqn_jax._src import layers as layers_lib
 from kfqn_jax._src import losses as losses_lib
 from kfqn_jax._src.base import LayerMeta, LayerStats
-from kfqn_jax._src.kfac import match_stats
 
 KINDS = ("dense", "conv")
 GRAM_MODES = ("auto", "positions", "per_example")
@@ -599,7 +598,7 @@ def scale_by_smw_ng(
         layer_stats = extra[base.LAYER_STATS]
         metas = layers_lib.resolve_layers(updates, layers, KINDS)
         base.check_layer_stats("smw_ng", layer_stats)
-        stats = match_stats("smw_ng", metas, layer_stats)
+        stats = layers_lib.match_stats("smw_ng", metas, layer_stats)
         blocks = []
         num = 0
         for s in stats:
@@ -855,7 +854,7 @@ def scale_by_smw_gn(
         # exact_fisher=True)): all c outputs on the whole batch, then the first m examples.
         metas = layers_lib.resolve_layers(updates, layers, KINDS)
         base.check_layer_stats("smw_gn", layer_stats)
-        stats = match_stats("smw_gn", metas, layer_stats)
+        stats = layers_lib.match_stats("smw_gn", metas, layer_stats)
         blocks, num = [], 1
         for st in stats:
             if st.g_exact is None:
@@ -915,7 +914,7 @@ def scale_by_smw_gn(
             probes = hessian_sqrt_columns(loss_obj, z, cols) * scale  # (s, m, c)
         stats_all = jax.vmap(probe_fn)(probes.astype(outputs.dtype))
         # Per-layer statistics: inputs do not depend on the probe (take one copy).
-        stats = match_stats("smw_gn", metas, stats_all)
+        stats = layers_lib.match_stats("smw_gn", metas, stats_all)
         blocks = []
         for st in stats:
             if st.a.shape[1] != num:
