@@ -1,4 +1,4 @@
-"""Offline data for the benchmarks (see ``shared/docs/DATA.md`` for sources and checksums).
+"""Offline data for the benchmarks (sources and checksums: benchmarks/README.md, Data sources).
 
 Every loader returns a :class:`Dataset` of numpy arrays: images as float32 in ``[0, 1]``,
 flattened to ``(n, pixels)`` (the problems reshape them for CNNs), labels as int64 or ``None``
@@ -12,9 +12,9 @@ Sources:
   numpy-only unpickler.
 * :func:`load_embedded_mnist`: a 5000/1000 MNIST subset shipped in ``benchmarks/assets`` (no
   download; used by ``--quick`` and the tests).
-* :func:`make_curves`: a procedural CURVES-like set (DATA.md section 4), not the original file.
-* :func:`make_faces_proxy`: a FACES-like set from the 100 LFW faces in scikit-image (DATA.md
-  section 5), not the original Olivetti-derived file.
+* :func:`make_curves`: a procedural CURVES-like set, not the original file.
+* :func:`make_faces_proxy`: a FACES-like set from the 100 LFW faces in scikit-image, not the
+  original Olivetti-derived file.
 * :func:`load_fashion_mnist`: the IDX files of Debian's ``dataset-fashion-mnist``.
 * :func:`load_digits_small`: scikit-learn's 8x8 digits, if scikit-learn is installed.
 
@@ -314,7 +314,7 @@ def load_embedded_mnist() -> Dataset:
 
 
 # ----------------------------------------------------------------------------------------------
-# CURVES-like procedural data (DATA.md section 4).
+# CURVES-like procedural data (benchmarks/README.md, Data sources).
 
 
 def _natural_spline_3(points: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -363,15 +363,17 @@ def make_curves(
 ):
     """CURVES-like images: one smooth stroke through 3 random points per image.
 
-    Follows the specification in DATA.md section 4 (a re-implementation, *not* the original
-    ``digs3pts_1.mat``): three points uniform in ``[margin, size - 1 - margin]^2`` (the 6-dim
-    latent code), the natural cubic spline through them with chord-length knots, sampled at
-    ``n_samples`` values of the parameter, rendered as ``exp(-d^2 / (2 sigma^2))`` with ``d``
-    the distance from each pixel centre to the nearest sample.
+    A re-implementation from the data's description (*not* the original ``digs3pts_1.mat`` of
+    Hinton & Salakhutdinov 2006; see benchmarks/README.md, Data sources): three points uniform
+    in ``[margin, size - 1 - margin]^2`` (the 6-dim latent code), the natural cubic spline
+    through them with chord-length knots, sampled at ``n_samples`` values of the parameter,
+    rendered as ``exp(-d^2 / (2 sigma^2))`` with ``d`` the distance from each pixel centre to
+    the nearest sample.
 
     Returns float32 ``(n, size * size)`` in ``[0, 1]`` (row-major, x = column, y = row), and
     also the ``(n, 6)`` float32 latent points when ``return_latent``. Deterministic in
-    ``seed``. DATA.md uses seed 1 for the 20,000 training and seed 2 for the 10,000 test images.
+    ``seed``. :func:`load_curves` uses seed 1 for the 20,000 training and seed 2 for the 10,000
+    test images.
     """
     if n < 0:
         raise ValueError(f"make_curves: n must be >= 0, got {n}.")
@@ -407,12 +409,16 @@ def load_curves(
         x_train, x_test = make_curves(n_train, seed=1), make_curves(n_test, seed=2)
         _save_npz_atomic(npz, x_train=x_train, x_test=x_test)
     return Dataset(
-        x_train, None, x_test, None, source="CURVES-like procedural (DATA.md section 4), a proxy"
+        x_train,
+        None,
+        x_test,
+        None,
+        source="CURVES-like procedural (benchmarks/README.md, Data sources), a proxy",
     )
 
 
 # ----------------------------------------------------------------------------------------------
-# FACES-like proxy from scikit-image's LFW subset (DATA.md section 5).
+# FACES-like proxy from scikit-image's LFW subset (benchmarks/README.md, Data sources).
 
 
 def _lfw_faces() -> np.ndarray:
@@ -473,11 +479,12 @@ def make_faces_proxy(
 ) -> Dataset:
     """FACES-like 25x25 images: random rotations/scalings/shifts of 100 real LFW faces.
 
-    DATA.md section 5 (a proxy, *not* the Olivetti-derived ``newfaces_rot_single.mat``): a
-    seeded split of the 100 face identities into ``n_train_ids`` for training and the rest for
-    testing (person-disjoint), then per image a rotation ``U(-max_rot_deg, max_rot_deg)``, a
-    scale ``U(*scale)`` and a shift ``U(-max_shift, max_shift)`` pixels, with bilinear
-    interpolation and edge padding. Float32 ``(n, 625)`` in ``[0, 1]``.
+    A proxy, *not* the Olivetti-derived ``newfaces_rot_single.mat`` (benchmarks/README.md,
+    Data sources): a seeded split of the 100 face identities into ``n_train_ids`` for training
+    and the rest for testing (person-disjoint), then per image a rotation
+    ``U(-max_rot_deg, max_rot_deg)``, a scale ``U(*scale)`` and a shift
+    ``U(-max_shift, max_shift)`` pixels, with bilinear interpolation and edge padding. Float32
+    ``(n, 625)`` in ``[0, 1]``.
 
     Needs scikit-image (imported lazily); raises ``ImportError`` naming the pip command if it
     is missing.
@@ -501,7 +508,10 @@ def make_faces_proxy(
         None,
         x_test,
         None,
-        source="FACES-like proxy from scikit-image lfw_subset (DATA.md section 5), a proxy",
+        source=(
+            "FACES-like proxy from scikit-image lfw_subset "
+            "(benchmarks/README.md, Data sources), a proxy"
+        ),
     )
 
 

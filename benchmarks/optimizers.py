@@ -203,7 +203,7 @@ def _sgd(problem, hp):
 
 
 def _authors_adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-4):
-    """Adam as coded in the K-BFGS/TNT repos (ALGORITHMS.md 6), benchmarks only.
+    """Adam as coded in the authors' public K-BFGS and TNT repositories, benchmarks only.
 
     ``m`` is an EMA of the gradient; the second moment is an EMA of the *bias-corrected
     momentum squared* (not of ``g**2``); ``p = -m_hat / (eps + sqrt(v_hat))``.
@@ -465,7 +465,8 @@ register("block_hessian_free")(_hessian_free_builder("block_hessian_free"))
 
 
 # ----------------------------------------------------------------------------------------------
-# SMW-NG and SMW-GN (ALGORITHMS.md 4). The authors' repo has no defaults [NF]; ours: lr 1
+# SMW-NG and SMW-GN (Ren & Goldfarb 2019, arXiv 1906.02353). Neither the paper nor the authors'
+# code gives defaults; our choice: lr 1
 # (the Levenberg-Marquardt step), initial lambda 1, curvature batch = the first 128 examples
 # of the gradient batch (N2 = 128), and for SMW-GN on autoencoders 16 random output directions
 # per step (the full 784 outputs would make a 100k x 100k system).

@@ -8,8 +8,9 @@ Initialisation is Flax's default everywhere (``Dense``/``Conv``: LeCun-normal ke
 biases). The authors' PyTorch code initialises differently (PyTorch defaults or their own
 schemes, not verified here), so absolute early-training numbers will differ from their plots.
 
-``paper_settings`` holds per-optimizer hyperparameters taken from
-``shared/docs/ALGORITHMS.md`` (section numbers in each ``"source"``). The benchmark runner uses
+``paper_settings`` holds per-optimizer hyperparameters taken from the papers and the authors'
+public code (listed in benchmarks/README.md, References; each ``"source"`` names its origin,
+and says "ours" where the sources give no value). The benchmark runner uses
 them as defaults; keys that a factory does not accept are simply not passed (the runner's
 builders pick what they need).
 """
@@ -175,19 +176,23 @@ def torch_default_init(params, rng):
 
 
 # ----------------------------------------------------------------------------------------------
-# Paper settings (shared/docs/ALGORITHMS.md).
+# Paper settings (the papers and the authors' code: benchmarks/README.md, References).
 
 # Standard optax Adam, lr 1e-3: the best of {1e-4, 3e-4, 1e-3, 3e-3} on the quick MNIST AE
 # (400 steps, batch 250, final train loss 107 / 86 / 78 / 92). The TNT demo's 1e-4 is for the
 # authors' Adam variant (eps 1e-4; "adam_authors" in benchmarks/optimizers.py).
 _ADAM = {"learning_rate": 1e-3, "source": "optax.adam, lr 1e-3 (grid on quick mnist_ae)"}
-_SGD = {"learning_rate": 3e-3, "momentum": 0.9, "source": "ALGORITHMS.md 6 (TNT repo SGD-m demo)"}
+_SGD = {
+    "learning_rate": 3e-3,
+    "momentum": 0.9,
+    "source": "TNT repo SGD-m demo (arXiv 2106.02925 code)",
+}
 
 _AE_SETTINGS: dict[str, dict[str, Any]] = {
     "adam": _ADAM,
     "sgd": _SGD,
-    # K-BFGS repo KFAC baseline (ALGORITHMS.md 6): lr 1 and lambda 3 with sqrt(lambda) added
-    # to A and G (pi = 1), factor EMA 0.9, inverses every 20 steps (and at every step while
+    # K-BFGS repo KFAC baseline (arXiv 2006.08877 code): lr 1 and lambda 3 with sqrt(lambda)
+    # added to A and G (pi = 1), factor EMA 0.9, inverses every 20 steps (and at every step while
     # k <= 20), momentum 0.9 as an EMA (1 - rho weighting). kfqn_jax.kfac's momentum is
     # heavy-ball (m <- mu m + g, i.e. 1 / (1 - mu) = 10x larger), so lr 1 there is lr 0.1 here.
     "kfac": {
@@ -198,20 +203,21 @@ _AE_SETTINGS: dict[str, dict[str, Any]] = {
         "pi_damping": False,
         "stats_every": 1,
         "inverse_every": 20,
-        "source": "ALGORITHMS.md 6, K-BFGS repo KFAC demo (lr 1 with EMA momentum, lambda 3)",
+        "source": "K-BFGS repo KFAC demo (arXiv 2006.08877 code), lr 1 with EMA momentum, "
+        "lambda 3",
     },
     "kbfgs": {
         "learning_rate": 0.3,
         "damping": 0.3,
         "momentum": 0.9,
-        "source": "ALGORITHMS.md 1(c), K-BFGS demo (lr 0.3, lambda 0.3)",
+        "source": "K-BFGS demo code (arXiv 2006.08877), lr 0.3, lambda 0.3",
     },
     "kbfgs_l": {
         "learning_rate": 0.3,
         "damping": 0.3,
         "momentum": 0.9,
         "memory_size": 100,
-        "source": "ALGORITHMS.md 1(c), K-BFGS(L), L = 100",
+        "source": "K-BFGS(L) demo code (arXiv 2006.08877), lr 0.3, lambda 0.3, L = 100",
     },
     "tnt": {
         "learning_rate": 1e-4,
@@ -219,27 +225,28 @@ _AE_SETTINGS: dict[str, dict[str, Any]] = {
         "momentum": 0.9,
         "stats_every": 1,
         "inverse_every": 20,
-        "source": "ALGORITHMS.md 3(c), TNT demo (lr 1e-4, eps 0.1, T1 1, T2 20)",
+        "source": "TNT demo code (arXiv 2106.02925), lr 1e-4, eps 0.1, T1 1, T2 20",
     },
     "shampoo": {
         "learning_rate": 3e-4,
         "damping": 3e-4,
         "inverse_every": 20,
-        "source": "ALGORITHMS.md 6, TNT repo Shampoo MNIST demo (lr 3e-4, eps 3e-4, T2 20)",
+        "source": "TNT repo Shampoo MNIST demo (arXiv 2106.02925 code), lr 3e-4, eps 3e-4, T2 20",
     },
-    # SMW: the authors' repo has no defaults [NF]. Best of a short search on the full MNIST AE
-    # (100 steps; benchmarks/RESULTS.md, SMW section). With the authors' 1.01 rule any lambda_0
-    # small enough to make progress diverged within a few steps, so lambda adapts by 1.5 and
-    # steps that raise the loss are rejected (lm_reject). A curvature batch of 128 leaves most
-    # of the gradient outside the solved subspace (a plain SGD step there): SMW-NG uses the
-    # whole batch, SMW-GN 500 examples with 4 sign-sketch probes of the 784 outputs.
+    # SMW: neither the paper nor the authors' code gives defaults (our choice). Best of a short
+    # search on the full MNIST AE (100 steps; benchmarks/RESULTS.md, SMW section). With the
+    # authors' 1.01 rule any lambda_0 small enough to make progress diverged within a few steps,
+    # so lambda adapts by 1.5 and steps that raise the loss are rejected (lm_reject). A
+    # curvature batch of 128 leaves most of the gradient outside the solved subspace (a plain
+    # SGD step there): SMW-NG uses the whole batch, SMW-GN 500 examples with 4 sign-sketch
+    # probes of the 784 outputs.
     "smw_ng": {
         "damping": 3.0,
         "lm_factor": 1.5,
         "lm_reject": True,
         "curvature_batch": 1000,
-        "source": "ALGORITHMS.md 4 [NF]; lambda_0 3, LM factor 1.5 with rejection, m = batch "
-        "(short search, RESULTS.md)",
+        "source": "SMW-NG (arXiv 1906.02353), no defaults there; ours: lambda_0 3, LM factor "
+        "1.5 with rejection, m = batch (short search, benchmarks/RESULTS.md)",
     },
     "smw_gn": {
         "damping": 3.0,
@@ -248,39 +255,46 @@ _AE_SETTINGS: dict[str, dict[str, Any]] = {
         "curvature_batch": 500,
         "output_samples": 4,
         "output_sampling": "sketch",
-        "source": "ALGORITHMS.md 4 [NF]; lambda_0 3, LM factor 1.5 with rejection, m 500, "
-        "4 sketched output probes (short search, RESULTS.md)",
+        "source": "SMW-GN (arXiv 1906.02353), no defaults there; ours: lambda_0 3, LM factor "
+        "1.5 with rejection, m 500, 4 sketched output probes (short search, "
+        "benchmarks/RESULTS.md)",
     },
     "hessian_free": {
         "damping": 45.0,
         "max_cg_iters": 250,
-        "source": "ALGORITHMS.md 5, Martens 2010 demo code (initial lambda 45, 250 CG iters)",
+        "source": "Martens (ICML 2010) HF demo code, initial lambda 45, 250 CG iters",
     },
     "block_hessian_free": {
         "max_cg_iters": 20,
-        "source": "ALGORITHMS.md 5: BDHF constants [NF]; ours: CG cap 20 per block (cap 50 "
-        "was better per step but slower per second on a 2-core CPU)",
+        "source": "Block-diagonal HF (arXiv 1712.07296), constants not stated there; ours: CG "
+        "cap 20 per block (cap 50 was better per step but slower per second on a 2-core CPU)",
     },
 }
 
 _MLP_SETTINGS: dict[str, dict[str, Any]] = {
     **_AE_SETTINGS,
-    # The SMW code's MLP (ALGORITHMS.md 7.1). lambda_0 1 with the authors' 1.01 rule; SMW-NG
+    # The SMW code's MLP (arXiv 1906.02353). lambda_0 1 with the authors' 1.01 rule; SMW-NG
     # with the authors' gradient momentum 0.9 (without it, it trailed Adam after 100 steps).
     "smw_ng": {
         "damping": 1.0,
         "momentum": 0.9,
-        "source": "ALGORITHMS.md 4 [NF]; lambda_0 1, authors' LM rule, momentum 0.9 (RESULTS.md)",
+        "source": "SMW-NG (arXiv 1906.02353), no defaults there; ours: lambda_0 1, authors' LM "
+        "rule, momentum 0.9 (benchmarks/RESULTS.md)",
     },
     "smw_gn": {
         "damping": 1.0,
-        "source": "ALGORITHMS.md 4 [NF]; lambda_0 1, authors' LM rule (RESULTS.md)",
+        "source": "SMW-GN (arXiv 1906.02353), no defaults there; ours: lambda_0 1, authors' LM "
+        "rule (benchmarks/RESULTS.md)",
     },
 }
 
 _CNN_SETTINGS: dict[str, dict[str, Any]] = {
     "adam": _ADAM,
-    "sgd": {"learning_rate": 0.03, "momentum": 0.9, "source": "ALGORITHMS.md 6 (CIFAR SGD-m)"},
+    "sgd": {
+        "learning_rate": 0.03,
+        "momentum": 0.9,
+        "source": "TNT repo CIFAR SGD-m (arXiv 2106.02925 code)",
+    },
     "kfac": {
         "learning_rate": 0.003,
         "damping": 0.3,
@@ -290,7 +304,7 @@ _CNN_SETTINGS: dict[str, dict[str, Any]] = {
         "stats_every": 10,
         "inverse_every": 100,
         "source": (
-            "ALGORITHMS.md 6, TNT repo KFAC: lr 0.003, lambda 0.3 (its MNIST demo values), "
+            "TNT repo KFAC (arXiv 2106.02925 code): lr 0.003, lambda 0.3 (its MNIST demo values), "
             "T_cov 10 / T_inv 100 (its CNN setting); heavy-ball momentum as there"
         ),
     },
@@ -300,13 +314,13 @@ _CNN_SETTINGS: dict[str, dict[str, Any]] = {
         "momentum": 0.9,
         "stats_every": 10,
         "inverse_every": 100,
-        "source": "ALGORITHMS.md 3(c), TNT CNN demo (lr 1e-4, eps 0.01, T1 10, T2 100)",
+        "source": "TNT CNN demo code (arXiv 2106.02925), lr 1e-4, eps 0.01, T1 10, T2 100",
     },
     "shampoo": {
         "learning_rate": 0.01,
         "damping": 0.01,
         "inverse_every": 100,
-        "source": "ALGORITHMS.md 6, TNT repo Shampoo CIFAR-10 demo (lr 0.01, eps 0.01)",
+        "source": "TNT repo Shampoo CIFAR-10 demo (arXiv 2106.02925 code), lr 0.01, eps 0.01",
     },
 }
 
@@ -337,10 +351,12 @@ def _mnist(quick: bool, data_dir) -> data_lib.Dataset:
 
 
 def mnist_ae(quick: bool = False, data_dir=None) -> Problem:
-    """MNIST deep autoencoder 784-1000-500-250-30-250-500-1000-784 (ALGORITHMS.md 7.1).
+    """MNIST deep autoencoder 784-1000-500-250-30-250-500-1000-784.
 
-    ReLU, linear code and output layers, sigmoid BCE summed over pixels and averaged over the
-    batch, batch 1000 (250 in the quick variant, which uses the embedded 5000/1000 subset).
+    The autoencoder of Hinton & Salakhutdinov (Science 2006) as used in the K-BFGS paper (arXiv
+    2006.08877). ReLU, linear code and output layers, sigmoid BCE summed over pixels and
+    averaged over the batch, batch 1000 (250 in the quick variant, which uses the embedded
+    5000/1000 subset).
     """
     d = _mnist(quick, data_dir)
     return Problem(
@@ -371,7 +387,7 @@ def curves_ae(quick: bool = False, data_dir=None) -> Problem:
             None,
             data_lib.make_curves(500, seed=2),
             None,
-            "CURVES-like procedural (DATA.md section 4), a proxy",
+            "CURVES-like procedural (benchmarks/README.md, Data sources), a proxy",
         )
     else:
         d = data_lib.load_curves(data_dir)
@@ -448,7 +464,7 @@ def fmnist_2c2d(quick: bool = False, data_dir=None) -> Problem:
 
 
 def mnist_mlp(quick: bool = False, data_dir=None) -> Problem:
-    """MNIST 784-500-10 classifier, ReLU, softmax cross-entropy, no biases (SMW code, 7.1)."""
+    """MNIST 784-500-10 classifier, ReLU, softmax CE, no biases (SMW code, arXiv 1906.02353)."""
     d = _mnist(quick, data_dir)
     return Problem(
         name="mnist_mlp",
@@ -463,7 +479,8 @@ def mnist_mlp(quick: bool = False, data_dir=None) -> Problem:
         paper_settings=_settings(_MLP_SETTINGS),
         task="classification",
         data_source=d.source,
-        notes="No biases, as in the SMW code; the activation (ReLU) is our choice [NF].",
+        notes="No biases, as in the SMW code; the activation (ReLU) is our choice (not stated "
+        "in the paper).",
     )
 
 
@@ -505,7 +522,7 @@ def make_problem(name: str, quick: bool = False, data_dir=None) -> Problem:
 
 
 # ----------------------------------------------------------------------------------------------
-# Character-level LSTM (block-diagonal HF, ALGORITHMS.md 5: "multilayer LSTMs").
+# Character-level LSTM (block-diagonal HF, arXiv 1712.07296, trains "multilayer LSTMs").
 
 # Fixed list of standard-library modules whose sources form the corpus (present wherever
 # Python is installed; read through os.path.dirname(os.__file__)).
@@ -556,9 +573,9 @@ def char_lstm(
 
     Non-overlapping windows of 33 bytes: inputs are the first 32, targets the last 32
     (softmax cross-entropy, mean over positions). The last 10% of windows are the test set.
-    Quick: 4000 training windows. Not a paper problem (the BDHF paper's LSTM data and sizes are
-    not public, ALGORITHMS.md 5); a CPU-sized stand-in. ``hidden`` sets the LSTM width and ``name``
-    the problem's name (``char_lstm_wide``: 128 units, same data and optimizer settings).
+    Quick: 4000 training windows. Not a paper problem (the LSTM data and sizes of the BDHF paper,
+    arXiv 1712.07296, are not public); a CPU-sized stand-in. ``hidden`` sets the LSTM width and
+    ``name`` the problem's name (``char_lstm_wide``: 128 units, same data and optimizer settings).
     """
     del data_dir
     seq = 32
@@ -579,7 +596,7 @@ def char_lstm(
             "min_damping": 1e-3,
             "max_cg_iters": 10,
             "curvature_fraction": 0.1,
-            "source": "Martens 2010 machinery (ALGORITHMS.md 5); ours, tuned per second on "
+            "source": "Martens (ICML 2010) HF machinery; ours, tuned per second on "
             "caps {5, 10, 20} x curvature batch {1/10, 1/4} (benchmarks/RESULTS.md): CG cap 10, "
             "curvature batch 1/10 of the gradient batch; damping floor 1e-3 (without it the "
             "damping falls to 1e-6 and block-diagonal HF's loss rises after ~100 steps)",
@@ -590,7 +607,8 @@ def char_lstm(
             "max_cg_iters": 10,
             "curvature_fraction": 0.1,
             "blocks": "lstm_stack",
-            "source": "ALGORITHMS.md 5; BDHF constants [NF], ours: one block per LSTM layer "
+            "source": "Block-diagonal HF (arXiv 1712.07296), constants not stated there; ours: "
+            "one block per LSTM layer "
             "(the embedding with the first) and the output layer; CG cap 10, curvature batch "
             "1/10 and damping floor 1e-3, tuned on the same grid as HF",
         },

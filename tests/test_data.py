@@ -83,7 +83,7 @@ def test_embedded_mnist_checksum_shapes_and_content():
     assert d.x_train.min() == 0.0 and d.x_train.max() == 1.0
     # x = u8 / 255 exactly.
     np.testing.assert_array_equal(np.round(d.x_train * 255) / 255, d.x_train)
-    # The original MNIST order (DATA.md 2.1).
+    # The original MNIST order (see benchmarks/README.md, Data sources).
     np.testing.assert_array_equal(d.y_train[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
     np.testing.assert_array_equal(d.y_test[:10], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9])
     assert set(np.unique(d.y_train)) == set(range(10))

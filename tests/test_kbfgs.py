@@ -1,8 +1,10 @@
 """Float64 reference tests of K-BFGS and K-BFGS(L) (kfqn_jax/_src/kbfgs.py, bfgs.py).
 
-The references are written in NumPy from the equations of ALGORITHMS.md 1-2: the inverse BFGS
-update in its product form, the two damping steps, the L-BFGS matrix as a dense recursion, and
-one or more full optimizer steps (EMA of A, Hessian action, momentum, trial point, EMA of the
+The references are written in NumPy from the equations of Goldfarb, Ren & Bahamou (NeurIPS
+2020, arXiv 2006.08877, as their public code applies them) and of Ren, Bahamou & Goldfarb (arXiv
+2102.06737: the extension to convolutional layers and its refinements): the inverse BFGS update
+in its product form, the two damping steps, the L-BFGS matrix as a dense recursion, and one or
+more full optimizer steps (EMA of A, Hessian action, momentum, trial point, EMA of the
 pair, double damping, skip rules). The layer statistics at the current and trial points come
 from the capture (tested elsewhere); everything the optimizer does with them is recomputed here.
 """
@@ -230,7 +232,8 @@ def _np_stats(stats, name, has_bias):
 
 
 def _np_run(model, params, x, y, loss, steps, hp):
-    """The algorithm of ALGORITHMS.md 1(b) and 2, in NumPy, for ``steps`` steps."""
+    """K-BFGS's per-step update as the official code of arXiv 2006.08877 does it, with the
+    convolutional extension and refinements of arXiv 2102.06737, in NumPy, for ``steps`` steps."""
     lr, lam, mu1, rho = hp["lr"], hp["damping"], 0.2, 0.9
     layers = _layers(params)
     p = {n: {k: np.asarray(v) for k, v in d.items()} for n, d in params.items()}

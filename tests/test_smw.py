@@ -139,7 +139,7 @@ def test_smw_ng_weight_decay_folds_into_damping_and_uncaptured_params_get_g_over
         tx = kfqn_jax.smw_ng(
             learning_rate=1.0,
             damping=LAM,
-            weight_decay=tau,
+            l2_reg=tau,
             fisher="empirical",
             curvature_batch=M,
             adapt_damping=False,

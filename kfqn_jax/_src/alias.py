@@ -26,6 +26,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 #: Methods whose ``weight_decay`` meant coupled L2 before release 0.2.
@@ -37,8 +39,10 @@ def _is_zero(value: Any) -> bool:
 
 
 def warn_if_decoupled_changed(method: str, weight_decay: Any) -> None:
-    """A ``FutureWarning`` (for one release) where ``weight_decay`` changed meaning."""
-    if method in COUPLED_BEFORE_0_2 and not _is_zero(weight_decay):
+    """A ``FutureWarning`` (for one release) where ``weight_decay`` changed meaning; only for
+    a concrete non-zero number (``optax.inject_hyperparams`` passes traced values)."""
+    concrete = isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool)
+    if method in COUPLED_BEFORE_0_2 and concrete and weight_decay != 0:
         warnings.warn(
             f"{method}: weight_decay is decoupled weight decay (added after preconditioning, "
             f"as in optax.adamw) since kfqn_jax 0.2; before, it was a coupled L2 term added "
@@ -58,10 +62,10 @@ def with_warm_start(
         if not warm_start:
             return chain.update(updates, state, params, **extra)
         states = list(state)
-        zeros, states[index] = inner.update(
-            updates, states[index], params, warm_start=True, **extra
-        )
-        return zeros, tuple(states)
+        _, states[index] = inner.update(updates, states[index], params, warm_start=True, **extra)
+        # Zero updates whatever the inner transform returns (a method without a warm-start
+        # mode takes its normal step there; nothing of it reaches the parameters).
+        return jax.tree.map(jnp.zeros_like, updates), tuple(states)
 
     return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 

@@ -20,6 +20,7 @@ different Python threads.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import jax
@@ -146,10 +147,10 @@ def _patched(rec: _Recorder):
     originals = {cls: cls.__dict__["__call__"] for cls in _SUPPORTED}
 
     def make(cls, orig):
+        @functools.wraps(orig)
         def wrapped(self, inputs, *args, **kwargs):
             return rec.call(orig, self, inputs, *args, **kwargs)
 
-        wrapped.__doc__ = orig.__doc__
         return wrapped
 
     try:
@@ -262,6 +263,35 @@ def nnx_value_grads_and_stats(
     nnx.update(model, new_rest)
     aux = {"outputs": outputs, "mutated": new_rest}
     return cap.Captured(value, aux, grads, stats, sampled_grads, sampled_targets, stats_fn)
+
+
+def nnx_layer_stats(
+    model: Any,
+    params: Any,
+    *inputs: Any,
+    targets: Any,
+    loss: Any,
+    with_outputs: bool = True,
+    wrt: Any = nnx.Param,
+    call: Any = None,
+) -> dict:
+    """Per-layer statistics of an NNX model at the parameters ``params`` (an ``nnx.State`` of
+    ``wrt`` variables, e.g. a trial point), from one forward and a cotangent-only VJP; the NNX
+    twin of :func:`kfqn_jax.flax.layer_stats`. The model itself is not changed: state the
+    forward pass would update (batch statistics) is discarded."""
+    loss = losses_lib.as_loss(loss)
+    fwd, rec, _ = _forward(model, wrt, with_outputs, call or _default_call)
+    rest = _rest_of(model, wrt)
+    jax.eval_shape(lambda p, r: fwd(p, None, inputs, r)[0], params, rest)
+    probes = {k: jnp.zeros(s.shape, s.dtype) for k, s in rec.out_shapes.items()}
+    outputs, vjp_fn, (raw, _) = jax.vjp(
+        lambda pr: fwd(params, pr, inputs, rest), probes, has_aux=True
+    )
+    metas = dict(rec.metas)
+    cap.check_kernel_shapes(metas, params, _get_leaf)
+    _, cot, _, _ = cap.loss_and_cotangents(loss, outputs, targets, None, None)
+    (g_probes,) = vjp_fn(cot)
+    return cap.assemble_stats(metas, raw, g_probes, None, _probe_get)
 
 
 def nnx_layer_metas(model: Any, *inputs: Any, wrt: Any = nnx.Param, call: Any = None):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from kfqn_jax._src import base, linalg, safety
+from kfqn_jax._src import alias, base, extra_args, linalg, safety
 from kfqn_jax._src import layers as layers_lib
 from kfqn_jax._src.base import LayerMeta, LayerStats
 
@@ -386,14 +386,21 @@ def scale_by_kfac(
     guarded = safety.guard_nonfinite(
         update_fn, on_nonfinite, "kfac", (base.LAYER_STATS,), init_fn=init_fn, fused=True
     )
-    return optax.GradientTransformationExtraArgs(init_fn, guarded)
+    reqs = extra_args.Requirements(
+        extra_args=(extra_args.LAYER_STATS,),
+        sampled="cotangents" if fisher == "true" else None,
+        exact_fisher=fisher == "exact",
+    )
+    return optax.GradientTransformationExtraArgs(init_fn, extra_args.announce(guarded, reqs))
 
 
 def kfac(
     learning_rate: optax.ScalarOrSchedule,
     damping: optax.ScalarOrSchedule = 1e-3,
     *,
-    weight_decay: float = 0.0,
+    weight_decay: Any = 0.0,
+    weight_decay_mask: Any = None,
+    l2_reg: Any = 0.0,
     ema_decay: float = 0.95,
     fisher: str = "true",
     stats_every: int = 1,
@@ -405,12 +412,15 @@ def kfac(
     fallback: optax.GradientTransformation | None = None,
     on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
-    """KFAC with a learning rate: ``chain([add_decayed_weights], scale_by_kfac,
-    scale_by_learning_rate)``.
+    """KFAC with a learning rate: ``chain([add_decayed_weights(l2_reg)], scale_by_kfac,
+    [add_decayed_weights(weight_decay, weight_decay_mask)], scale_by_learning_rate)``.
 
-    Update: ``θ ← θ − α (A + λ_A I)^{-1} (μ m + ∇L + τ θ) (G + λ_G I)^{-1}`` per layer, with
-    ``α = learning_rate``, ``λ = damping``, ``τ = weight_decay`` (an L2 term added to the
-    gradient before preconditioning, as in the papers) and the other symbols as in
+    Update: ``θ ← θ − α ((A + λ_A I)^{-1} (μ m + ∇L + λ₂ θ) (G + λ_G I)^{-1} + τ θ)`` per
+    layer, with ``α = learning_rate``, ``λ = damping``, ``λ₂ = l2_reg`` (coupled L2 added to
+    the gradient before preconditioning, as in the papers), ``τ = weight_decay`` (decoupled,
+    as in ``optax.adamw``, on the parameters ``weight_decay_mask`` selects; before release 0.2
+    ``weight_decay`` was the coupled term, and a nonzero value now warns once) and the other
+    symbols as in
     :func:`scale_by_kfac`, whose keyword arguments are accepted here. The step-count
     arguments (``stats_every``, ``inverse_every``) are static: list them in ``static_args``
     of ``optax.inject_hyperparams``. With ``on_nonfinite="skip"`` (default) a step with NaN
@@ -437,23 +447,24 @@ def kfac(
       Grosse & Martens, `A Kronecker-factored approximate Fisher matrix for convolution
       layers <https://arxiv.org/abs/1602.01407>`_, 2016.
     """
-    parts = []
-    if weight_decay:
-        parts.append(optax.add_decayed_weights(weight_decay))
-    parts.append(
-        scale_by_kfac(
-            damping,
-            ema_decay=ema_decay,
-            fisher=fisher,
-            stats_every=stats_every,
-            inverse_every=inverse_every,
-            inverse_schedule=inverse_schedule,
-            pi_damping=pi_damping,
-            momentum=momentum,
-            layers=layers,
-            fallback=fallback,
-            on_nonfinite=on_nonfinite,
-        )
+    scale = scale_by_kfac(
+        damping,
+        ema_decay=ema_decay,
+        fisher=fisher,
+        stats_every=stats_every,
+        inverse_every=inverse_every,
+        inverse_schedule=inverse_schedule,
+        pi_damping=pi_damping,
+        momentum=momentum,
+        layers=layers,
+        fallback=fallback,
+        on_nonfinite=on_nonfinite,
     )
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
+    return alias.build(
+        "kfac",
+        scale,
+        learning_rate,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        l2_reg=l2_reg,
+    )

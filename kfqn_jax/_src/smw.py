@@ -1,34 +1,11 @@
 r"""SMW-NG and SMW-GN: subsampled natural gradient and Gauss-Newton via Sherman-Morrison-Woodbury.
 
 Ren & Goldfarb (2019). With a curvature subsample of ``m`` examples, the damped subsampled
-Fisher (or Gauss-Newton) matrix is ``λI`` plus a matrix of rank ``m`` (or ``m·c`` for ``c``
-model outputs):
-
-.. math::
-
-    C = \frac{1}{m} J^T J, \qquad
-    (C + λ I)^{-1} g = \frac{1}{λ} \Big[ g - \frac{1}{m} J^T \big(\tfrac{1}{m} K + λ I\big)^{-1}
-    J g \Big], \qquad K = J J^T,
-
-so only an ``m × m`` (or ``mc × mc``) Cholesky solve is needed. ``J`` is never formed: its rows
-are per-example gradients (SMW-NG) or per-example, per-output Jacobian rows (SMW-GN), and for a
-Dense or Conv layer ``l`` the row ``r`` of ``J`` restricted to the layer is the matrix
-``u_r = Σ_t ã_{i(r) t} ⊗ γ_{r t}`` (``ã``: homogeneous layer input, ``γ``: per-row cotangent of
-the layer output, ``t``: positions). Hence
-
-.. math::
-
-    K_{rr'} = \sum_l \sum_{t,t'} (ã_{i t}^T ã_{i' t'}) (γ_{r t}^T γ_{r' t'}),
-
-which for an MLP (``T = 1``) is ``Σ_l (Ã_l Ã_l^T) ∘ (Γ_l Γ_l^T)``, and
-``(J v)_r = Σ_l Σ_t ã_{i t}^T V_l γ_{r t}``, ``J^T w = Σ_l Σ_{r,t} w_r ã_{i t} γ_{r t}^T``.
-
-Convolutions (``T > 1``) are handled exactly, by one of two equivalent contractions chosen by
-``gram_mode``: ``"positions"`` forms the ``(mT) × (mT)`` Grams of inputs and cotangents and sums
-their Hadamard product over position pairs (cost ``~ (mT)^2 (d_in + d_out)``, memory
-``(mT)^2``); ``"per_example"`` forms the per-example layer gradients ``u_r``
-(``m × d_in × d_out``) and their Gram (cost ``~ m T d_in d_out + m^2 d_in d_out``). ``"auto"``
-(default) picks the cheaper per layer from the static shapes.
+Fisher (or Gauss-Newton) matrix ``C = J^T J / m`` plus ``λI`` is inverted through the Woodbury
+identity, so only an ``m × m`` (or ``mc × mc`` for ``c`` model outputs) Cholesky solve is
+needed; ``J`` is never formed. The kernel (the Gram ``K = J J^T`` from per-layer inputs and
+per-row cotangents, ``J v``, ``J^T w``, the exact conv contractions chosen by ``gram_mode``) is
+``kfqn_jax._src.woodbury``; this module builds the rows of ``J`` and the transforms.
 
 Rows of ``J``
 -------------
@@ -57,34 +34,32 @@ point ``θ - d`` on the same minibatch (``loss_fn`` extra arg) and
     λ ← \begin{cases} ω λ & ρ < ρ_{lo} \\ λ / ω & ρ > ρ_{hi} \\ λ & \text{else} \end{cases}
 
 with ``ω = 1.01``, ``ρ_lo = 0.25``, ``ρ_hi = 0.75`` (the authors' code) and ``ρ = -∞`` when the
-loss rises. ``pred`` is ``½ ĝ^T d`` (``lm_model="damped"``, default: the reduction predicted by
-the damped quadratic model, as in the authors' later code) or ``g^T d - ½ d^T (C + τI) d``
-(``"undamped"``, their earlier code). The trial point is the full step ``θ - d`` whatever the
-learning rate ``α``; the step taken is ``θ - α d`` (as in the authors' code).
+loss rises (the shared controller ``lm_damping.LevenbergMarquardt`` and
+``lm_damping.reduction_ratio``). ``pred`` is ``½ ĝ^T d``
+(``lm_model="damped"``, default: the reduction predicted by the damped quadratic model, as in
+the authors' later code) or ``g^T d - ½ d^T (C + τI) d`` (``"undamped"``, their earlier code).
+The trial point is the full step ``θ - d`` whatever the learning rate ``α``; the step taken is
+``θ - α d`` (as in the authors' code).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from kfqn_jax._src import base, linalg, safety
+from kfqn_jax._src import alias, base, extra_args, linalg, lm_damping, safety, woodbury
 from kfqn_jax._src import layers as layers_lib
 from kfqn_jax._src import losses as losses_lib
 from kfqn_jax._src.base import LayerMeta, LayerStats
 
 KINDS = ("dense", "conv")
-GRAM_MODES = ("auto", "positions", "per_example")
+GRAM_MODES = woodbury.GRAM_MODES
 LM_MODELS = ("damped", "undamped")
-
-# Extra-arg names of SMW-GN (besides ``loss_fn``).
-PROBE_STATS_FN = "probe_stats_fn"
-MODEL_OUTPUTS = "model_outputs"
 
 
 class ScaleBySMWState(NamedTuple):
@@ -135,366 +110,263 @@ class OutputProbe(losses_lib.Loss):
 
 
 # ---------------------------------------------------------------------------------------------
-# Low-rank curvature from per-layer inputs and per-row cotangents.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Block:
-    """One layer's factors of ``J``: inputs ``a`` ``(m, T, d_a)``, cotangents ``g``
-    ``(s, m, T, d_o)`` (rows ``r = (k, i)``), and the per-example gradients ``u``
-    ``(s, m, d_a, d_o)`` when the per-example contraction is used."""
-
-    a: jax.Array
-    g: jax.Array
-    u: jax.Array | None
-
-
-def _use_per_example(a_shape, g_shape, mode: str) -> bool:
-    if mode != "auto":
-        return mode == "per_example"
-    m, t, da = a_shape
-    s, _, _, do = g_shape
-    r = s * m
-    cost_positions = (m * t) ** 2 * da + (r * t) ** 2 * do + r**2 * t**2
-    cost_per_example = r * t * da * do + r**2 * da * do
-    return cost_per_example < cost_positions
-
-
-def _make_block(a: jax.Array, g: jax.Array, mode: str) -> _Block:
-    u = None
-    if _use_per_example(a.shape, g.shape, mode):
-        u = jnp.einsum("itd,kite->kide", a, g)
-    return _Block(a, g, u)
-
-
-def _gram(blocks: Sequence[_Block], rows: int, dtype: Any) -> jax.Array:
-    """``K = J J^T`` of shape ``(rows, rows)``, rows ordered ``(k, i)``."""
-    k_mat = jnp.zeros((rows, rows), dtype)
-    for b in blocks:
-        if b.u is not None:
-            u2 = b.u.reshape(rows, -1)
-            k_mat = k_mat + u2 @ u2.T
-            continue
-        s, m, t, _ = b.g.shape
-        if t == 1:
-            aa = b.a[:, 0] @ b.a[:, 0].T
-            g2 = b.g.reshape(rows, -1)
-            k_mat = k_mat + jnp.tile(aa, (s, s)) * (g2 @ g2.T)
-        else:
-            aa = jnp.einsum("itd,jud->itju", b.a, b.a)
-            gg = jnp.einsum("kitd,ljud->kitlju", b.g, b.g)
-            k_mat = k_mat + jnp.einsum("itju,kitlju->kilj", aa, gg).reshape(rows, rows)
-    return k_mat
-
-
-def _jvp_rows(blocks: Sequence[_Block], mats: Sequence[jax.Array]) -> jax.Array:
-    """``J v`` (``(rows,)``) for ``v`` given per layer as homogeneous ``(d_a, d_o)`` matrices."""
-    out = 0.0
-    for b, v in zip(blocks, mats, strict=True):
-        if b.u is not None:
-            out = out + jnp.einsum("kide,de->ki", b.u, v).reshape(-1)
-        else:
-            av = jnp.einsum("itd,de->ite", b.a, v)
-            out = out + jnp.einsum("ite,kite->ki", av, b.g).reshape(-1)
-    return out
-
-
-def _vjp_rows(blocks: Sequence[_Block], w: jax.Array) -> list[jax.Array]:
-    """``J^T w`` per layer as homogeneous ``(d_a, d_o)`` matrices."""
-    out = []
-    for b in blocks:
-        s, m = b.g.shape[:2]
-        w2 = w.reshape(s, m)
-        if b.u is not None:
-            out.append(jnp.einsum("ki,kide->de", w2, b.u))
-        else:
-            h = jnp.einsum("ki,kite->ite", w2, b.g)
-            out.append(jnp.einsum("itd,ite->de", b.a, h))
-    return out
-
-
-def smw_direction(
-    blocks: Sequence[_Block], grads: Sequence[jax.Array], num_examples: int, damping: jax.Array
-) -> tuple[list[jax.Array], jax.Array]:
-    r"""``(C + λI)^{-1} g`` restricted to the blocks, with ``C = J^T J / m``.
-
-    Returns the per-layer directions and the Gram ``K`` (for diagnostics and the LM model).
-    """
-    rows = blocks[0].g.shape[0] * blocks[0].g.shape[1]
-    dtype = grads[0].dtype
-    k_mat = _gram(blocks, rows, dtype)
-    jg = _jvp_rows(blocks, grads)
-    v_hat = linalg.damped_cholesky_solve(k_mat / num_examples, jg, damping)
-    back = _vjp_rows(blocks, v_hat)
-    return [(g - b / num_examples) / damping for g, b in zip(grads, back, strict=True)], k_mat
-
-
-# ---------------------------------------------------------------------------------------------
-# Square roots of output-space loss Hessians (SMW-GN).
-
-
-def hessian_sqrt_columns(loss: losses_lib.Loss, outputs: jax.Array, cols: jax.Array) -> jax.Array:
-    """Columns ``cols`` of ``L_i`` with ``L_i L_i^T = ∇²_z ℓ_i``, as ``(len(cols), m, c)``."""
-    c = outputs.shape[-1]
-    onehot = jax.nn.one_hot(cols, c, dtype=outputs.dtype)  # (s, c)
-    if isinstance(loss, losses_lib.SoftmaxCrossEntropy):
-        p = jax.nn.softmax(outputs, axis=-1)  # (m, c)
-        sq = jnp.sqrt(p[:, cols]).T  # (s, m)
-        return sq[:, :, None] * (onehot[:, None, :] - p[None])
-    if isinstance(loss, (losses_lib.SigmoidCrossEntropy, losses_lib.SquaredError)):
-        diag = loss.hvp(outputs, jnp.ones_like(outputs))  # diagonal Hessians
-        sq = jnp.sqrt(jnp.maximum(diag[:, cols], 0.0)).T
-        return sq[:, :, None] * onehot[:, None, :]
-    sqrt = loss.hessian_sqrt(outputs)  # (m, c, c)
-    return jnp.moveaxis(sqrt[:, :, cols], -1, 0)
-
-
-def hessian_sqrt_sketch(loss: losses_lib.Loss, outputs: jax.Array, signs: jax.Array) -> jax.Array:
-    """``L_i r_{k,i}`` for sign vectors ``signs`` of shape ``(s, m, c)``, as ``(s, m, c)``.
-
-    With independent Rademacher ``r``, ``E[(L_i r)(L_i r)^T] = L_i L_i^T = ∇²_z ℓ_i``: each
-    probe mixes every output, where a column of ``L_i`` covers one.
-    """
-    if isinstance(loss, losses_lib.SoftmaxCrossEntropy):
-        # Column k of L_i is sqrt(p_k) (e_k - p), so L_i r = sqrt(p) * r - p (sqrt(p) . r).
-        p = jax.nn.softmax(outputs, axis=-1)
-        q = jnp.sqrt(p)[None] * signs
-        return q - p[None] * jnp.sum(q, axis=-1, keepdims=True)
-    if isinstance(loss, (losses_lib.SigmoidCrossEntropy, losses_lib.SquaredError)):
-        diag = loss.hvp(outputs, jnp.ones_like(outputs))
-        return jnp.sqrt(jnp.maximum(diag, 0.0))[None] * signs
-    sqrt = loss.hessian_sqrt(outputs)  # (m, c, c)
-    return jnp.einsum("mcd,smd->smc", sqrt, signs)
-
-
-# ---------------------------------------------------------------------------------------------
 # The transformation, shared by both methods.
 
 
-def _check_common(
-    method, damping, momentum, lm_factor, lm_thresholds, lm_model, gram_mode, bounds, cbatch
-):
-    base.check_damping(method, damping)
-    base.check_fraction(method, "momentum", momentum)
-    if base.is_number(lm_factor) and not lm_factor >= 1.0:
-        raise ValueError(
-            f"{method}: lm_factor must be >= 1, got {lm_factor!r}; the authors use 1.01."
-        )
-    lo, hi = lm_thresholds
-    if base.is_number(lo) and base.is_number(hi) and not lo <= hi:
-        raise ValueError(
-            f"{method}: lm_thresholds must be (low, high) with low <= high, got "
-            f"{lm_thresholds}; the authors use (0.25, 0.75)."
-        )
-    base.check_choice(method, "lm_model", lm_model, LM_MODELS)
-    base.check_choice(method, "gram_mode", gram_mode, GRAM_MODES)
-    lo_b, hi_b = bounds
-    if base.is_number(lo_b) and base.is_number(hi_b) and not 0 < lo_b < hi_b:
-        raise ValueError(
-            f"{method}: damping_bounds must be (min, max) with 0 < min < max, got {bounds}; "
-            "e.g. (1e-8, 1e8)."
-        )
-    if cbatch is not None:
-        base.check_positive_int(method, "curvature_batch", cbatch, what=" or None (whole batch)")
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The arguments both methods share (documented in :func:`scale_by_smw_ng`)."""
+
+    method: str
+    damping: Any
+    curvature_batch: int | None
+    l2: float
+    momentum: float
+    adapt_damping: bool
+    lm_factor: Any
+    lm_thresholds: Any
+    lm_model: str
+    lm_reject: bool
+    damping_bounds: Any
+    gram_mode: str
+    layers: Any
+    fallback: optax.GradientTransformation | None
+    on_nonfinite: str
+
+    def check(self) -> None:
+        method = self.method
+        base.check_damping(method, self.damping)
+        base.check_fraction(method, "momentum", self.momentum)
+        if base.is_number(self.lm_factor) and not self.lm_factor >= 1.0:
+            raise ValueError(
+                f"{method}: lm_factor must be >= 1, got {self.lm_factor!r}; the authors use 1.01."
+            )
+        lo, hi = self.lm_thresholds
+        if base.is_number(lo) and base.is_number(hi) and not lo <= hi:
+            raise ValueError(
+                f"{method}: lm_thresholds must be (low, high) with low <= high, got "
+                f"{self.lm_thresholds}; the authors use (0.25, 0.75)."
+            )
+        base.check_choice(method, "lm_model", self.lm_model, LM_MODELS)
+        base.check_choice(method, "gram_mode", self.gram_mode, GRAM_MODES)
+        lo_b, hi_b = self.damping_bounds
+        if base.is_number(lo_b) and base.is_number(hi_b) and not 0 < lo_b < hi_b:
+            raise ValueError(
+                f"{method}: damping_bounds must be (min, max) with 0 < min < max, got "
+                f"{self.damping_bounds}; e.g. (1e-8, 1e8)."
+            )
+        if self.curvature_batch is not None:
+            base.check_positive_int(
+                method, "curvature_batch", self.curvature_batch, what=" or None (whole batch)"
+            )
+
+    def controller(self) -> lm_damping.LevenbergMarquardt:
+        lo, hi = self.lm_thresholds
+        floor, ceiling = self.damping_bounds
+        return lm_damping.LevenbergMarquardt(lo, hi, self.lm_factor, floor, ceiling)
+
+    def metas(self, tree: Any) -> tuple[LayerMeta, ...]:
+        return layers_lib.resolve_layers(tree, self.layers, KINDS)
+
+
+#: ``curvature(updates, dtype, extra, count)`` returns the blocks' metas, their ``J`` factors
+#: and the number of curvature examples ``m``.
+Curvature = Callable[..., tuple[list[LayerMeta], list[woodbury.Block], int]]
 
 
 def _smw_transform(
-    method: str,
-    curvature: Callable[..., tuple[list[LayerMeta], list[_Block], int]],
+    opts: _Options,
+    curvature: Curvature,
     required: tuple[str, ...],
-    *,
-    damping,
-    l2: float,
-    momentum: float,
-    adapt_damping: bool,
-    lm_factor,
-    lm_thresholds,
-    lm_model: str,
-    lm_reject: bool,
-    damping_bounds,
-    layers: Any,
-    fallback: optax.GradientTransformation | None,
-    on_nonfinite: str,
+    reqs: extra_args.Requirements,
 ) -> optax.GradientTransformationExtraArgs:
-    """The common body of both methods; ``curvature(updates, dtype, extra, count)`` returns the
-    blocks' metas, their ``J`` factors and the number of curvature examples ``m``."""
-
-    def blocks_of(tree):
-        return layers_lib.resolve_layers(tree, layers, KINDS)
-
+    """The common body of both methods: init, the guarded update and its requirements
+    (``opts`` already checked)."""
     masked_fallback = None
-    if fallback is not None:
+    if opts.fallback is not None:
         masked_fallback = optax.masked(
-            fallback, lambda t: layers_lib.uncovered_mask(t, blocks_of(t))
+            opts.fallback, lambda t: layers_lib.uncovered_mask(t, opts.metas(t))
         )
 
     def init_fn(params):
-        dtype = base.as_float(jax.tree_util.tree_leaves(params)[0].dtype)
-        lam0 = damping(0) if callable(damping) else damping
-        if adapt_damping:  # the adapted damping lives in damping_bounds from the start
-            lam0 = jnp.clip(jnp.asarray(lam0, dtype), damping_bounds[0], damping_bounds[1])
-        mom = ()
-        if momentum > 0:
-            mom = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
-        return ScaleBySMWState(
-            count=jnp.zeros([], jnp.int32),
-            nonfinite_count=jnp.zeros([], jnp.int32),
-            damping=jnp.asarray(lam0, dtype),
-            rho=jnp.zeros([], dtype),
-            momentum=mom,
-            fallback_state=masked_fallback.init(params) if masked_fallback is not None else (),
-        )
+        return _init(opts, masked_fallback, params)
 
     def update_fn(updates, state, params=None, **extra):
-        for name in required:
-            if extra.get(name) is None:
-                raise base.missing_extra_arg(method, name, _FIXES[name])
-        if adapt_damping and extra.get(base.LOSS_FN) is None:
-            raise base.missing_extra_arg(method, base.LOSS_FN, _FIXES[base.LOSS_FN])
-        if adapt_damping and params is None:
-            raise ValueError(f"{method}: Levenberg-Marquardt damping needs `params` in update.")
-        dtype = state.damping.dtype
-        count = state.count
-        if adapt_damping:
-            lam = state.damping
-        else:
-            lam = jnp.asarray(damping(count) if callable(damping) else damping, dtype)
-        lam_eff = lam + jnp.asarray(l2, dtype)
+        return _update(opts, curvature, required, masked_fallback, updates, state, params, extra)
 
-        grads32 = jax.tree.map(lambda g: g.astype(dtype), updates)
-        if momentum > 0:
-            k = count.astype(dtype)
-            beta = jnp.minimum(1.0 - 1.0 / (k + 1.0), jnp.asarray(momentum, dtype))
-            g_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g, state.momentum, grads32)
-            new_mom = g_hat
-        else:
-            g_hat = grads32
-            new_mom = ()
+    checked = (extra_args.LAYER_STATS, extra_args.MODEL_OUTPUTS, "value")
+    guarded = safety.guard_nonfinite(
+        update_fn, opts.on_nonfinite, opts.method, checked, init_fn=init_fn
+    )
+    return optax.GradientTransformationExtraArgs(init_fn, extra_args.announce(guarded, reqs))
 
-        metas, blocks, num = curvature(updates, dtype, extra, count)
-        leaves, index, treedef = layers_lib.leaf_index(g_hat)
-        idx = []
-        mats = []
-        for m in metas:
-            ki = base.match_path(tuple(m.kernel_path), index)
-            bi = base.match_path(tuple(m.bias_path), index) if m.has_bias else None
-            idx.append((ki, bi))
-            bias = leaves[bi] if bi is not None else None
-            mats.append(layers_lib.homogeneous_grad(leaves[ki], bias, m))
-        # Parameters outside every block: zero curvature, so the SMW direction is g / λ'.
-        d_leaves = [leaf / lam_eff for leaf in leaves]
-        if blocks:
-            dirs, _ = smw_direction(blocks, mats, num, lam_eff)
-            for m, (ki, bi), dmat in zip(metas, idx, dirs, strict=True):
-                w, b = layers_lib.split_homogeneous(dmat, m)
-                d_leaves[ki] = w
-                if bi is not None:
-                    d_leaves[bi] = b
-        fallback_d = [leaf / lam_eff for leaf in leaves]
-        ok = linalg.is_finite(d_leaves)
-        d_leaves = [jnp.where(ok, a, b) for a, b in zip(d_leaves, fallback_d, strict=True)]
-        direction = jax.tree_util.tree_unflatten(treedef, d_leaves)
 
-        fb_state = state.fallback_state
-        if masked_fallback is not None:
-            fb_out, fb_state = masked_fallback.update(updates, state.fallback_state, params)
-            mask = layers_lib.uncovered_mask(updates, metas)
-            direction = jax.tree.map(
-                lambda use_fb, d, f: f.astype(dtype) if use_fb else d,
-                mask,
-                direction,
-                fb_out,
-            )
+def _init(opts: _Options, masked_fallback, params) -> ScaleBySMWState:
+    dtype = base.as_float(jax.tree_util.tree_leaves(params)[0].dtype)
+    lam0 = opts.damping(0) if callable(opts.damping) else opts.damping
+    if opts.adapt_damping:  # the adapted damping lives in damping_bounds from the start
+        lo, hi = opts.damping_bounds
+        lam0 = jnp.clip(jnp.asarray(lam0, dtype), lo, hi)
+    mom = ()
+    if opts.momentum > 0:
+        mom = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+    return ScaleBySMWState(
+        count=jnp.zeros([], jnp.int32),
+        nonfinite_count=jnp.zeros([], jnp.int32),
+        damping=jnp.asarray(lam0, dtype),
+        rho=jnp.zeros([], dtype),
+        momentum=mom,
+        fallback_state=masked_fallback.init(params) if masked_fallback is not None else (),
+    )
 
-        new_lam, rho = lam, jnp.zeros([], dtype)
-        if adapt_damping:
-            rho = _reduction_ratio(
-                extra, params, direction, grads32, g_hat, blocks, metas, num, l2, lm_model, dtype
-            )
-            lo, hi = lm_thresholds
-            factor = jnp.asarray(lm_factor, dtype)
-            new_lam = jnp.where(rho < lo, lam * factor, jnp.where(rho > hi, lam / factor, lam))
-            new_lam = jnp.clip(new_lam, damping_bounds[0], damping_bounds[1]).astype(dtype)
-            new_lam = jnp.where(jnp.isfinite(new_lam), new_lam, lam)
 
-        if adapt_damping and lm_reject:
+def _check_extra(opts: _Options, required, extra, params) -> None:
+    for name in required:
+        if extra.get(name) is None:
+            raise base.missing_extra_arg(opts.method, name, _FIXES[name])
+    if opts.adapt_damping and extra.get(extra_args.LOSS_FN) is None:
+        raise base.missing_extra_arg(opts.method, extra_args.LOSS_FN, _FIXES[extra_args.LOSS_FN])
+    if opts.adapt_damping and params is None:
+        raise ValueError(f"{opts.method}: Levenberg-Marquardt damping needs `params` in update.")
+
+
+def _update(opts: _Options, curvature, required, masked_fallback, updates, state, params, extra):
+    """One step (before the non-finite guard): direction, fallback, LM damping, new state."""
+    _check_extra(opts, required, extra, params)
+    dtype = state.damping.dtype
+    count = state.count
+    if opts.adapt_damping:
+        lam = state.damping
+    else:
+        lam = jnp.asarray(opts.damping(count) if callable(opts.damping) else opts.damping, dtype)
+    lam_eff = lam + jnp.asarray(opts.l2, dtype)
+    grads32, g_hat, new_mom = _averaged_gradient(opts.momentum, updates, state, dtype)
+
+    metas, blocks, num = curvature(updates, dtype, extra, count)
+    direction = _smw_tree(g_hat, metas, blocks, num, lam_eff)
+
+    fb_state = state.fallback_state
+    if masked_fallback is not None:
+        fb_out, fb_state = masked_fallback.update(updates, state.fallback_state, params)
+        mask = layers_lib.uncovered_mask(updates, metas)
+        direction = jax.tree.map(
+            lambda use_fb, d, f: f.astype(dtype) if use_fb else d, mask, direction, fb_out
+        )
+
+    new_lam, rho = lam, jnp.zeros([], dtype)
+    if opts.adapt_damping:
+        rho = _reduction_ratio(
+            opts, extra, params, direction, grads32, g_hat, blocks, metas, num, dtype
+        )
+        new_lam = opts.controller().update(lam, rho)
+        if opts.lm_reject:
             # rho is -inf exactly when the trial loss rose or was not finite.
             accept = rho > -jnp.inf
             direction = jax.tree.map(lambda d: jnp.where(accept, d, jnp.zeros_like(d)), direction)
-        out = jax.tree.map(lambda d, u: d.astype(u.dtype), direction, updates)
-        new_state = ScaleBySMWState(
-            count=optax.safe_increment(count),
-            nonfinite_count=state.nonfinite_count,
-            damping=new_lam,
-            rho=jnp.maximum(rho, jnp.finfo(dtype).min).astype(dtype),
-            momentum=new_mom,
-            fallback_state=fb_state,
-        )
-        return out, new_state
-
-    checked = (base.LAYER_STATS, MODEL_OUTPUTS, "value")
-    guarded = safety.guard_nonfinite(update_fn, on_nonfinite, method, checked, init_fn=init_fn)
-    return optax.GradientTransformationExtraArgs(init_fn, guarded)
+    out = jax.tree.map(lambda d, u: d.astype(u.dtype), direction, updates)
+    new_state = ScaleBySMWState(
+        count=optax.safe_increment(count),
+        nonfinite_count=state.nonfinite_count,
+        damping=new_lam,
+        rho=jnp.maximum(rho, jnp.finfo(dtype).min).astype(dtype),
+        momentum=new_mom,
+        fallback_state=fb_state,
+    )
+    return out, new_state
 
 
-def _tree_vdot(a, b) -> jax.Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+def _averaged_gradient(momentum: float, updates, state: ScaleBySMWState, dtype):
+    """``(g, ĝ, new momentum state)``: the gradient in ``dtype`` and its moving average."""
+    grads32 = jax.tree.map(lambda g: g.astype(dtype), updates)
+    if momentum > 0:
+        k = state.count.astype(dtype)
+        beta = jnp.minimum(1.0 - 1.0 / (k + 1.0), jnp.asarray(momentum, dtype))
+        g_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g, state.momentum, grads32)
+        return grads32, g_hat, g_hat
+    return grads32, grads32, ()
 
 
-def _reduction_ratio(extra, params, direction, grads, g_hat, blocks, metas, num, l2, lm_model, dt):
+def _layer_matrices(tree, metas):
+    """The leaves of ``tree``, its treedef, the ``(kernel, bias)`` leaf indices of each layer
+    and the layers' homogeneous ``(d_a, d_o)`` matrices."""
+    leaves, index, treedef = layers_lib.leaf_index(tree)
+    idx, mats = [], []
+    for m in metas:
+        ki = base.match_path(tuple(m.kernel_path), index)
+        bi = base.match_path(tuple(m.bias_path), index) if m.has_bias else None
+        idx.append((ki, bi))
+        bias = leaves[bi] if bi is not None else None
+        mats.append(layers_lib.homogeneous_grad(leaves[ki], bias, m))
+    return leaves, treedef, idx, mats
+
+
+def _smw_tree(g_hat, metas, blocks, num, lam_eff):
+    """``(C + λ'I)^{-1} ĝ`` as a tree like ``ĝ``; ``ĝ / λ'`` outside the blocks, and
+    everywhere when the solve is not finite."""
+    leaves, treedef, idx, mats = _layer_matrices(g_hat, metas)
+    # Parameters outside every block: zero curvature, so the SMW direction is g / λ'.
+    d_leaves = [leaf / lam_eff for leaf in leaves]
+    if blocks:
+        dirs, _ = woodbury.smw_direction(blocks, mats, num, lam_eff)
+        for m, (ki, bi), dmat in zip(metas, idx, dirs, strict=True):
+            w, b = layers_lib.split_homogeneous(dmat, m)
+            d_leaves[ki] = w
+            if bi is not None:
+                d_leaves[bi] = b
+    fallback_d = [leaf / lam_eff for leaf in leaves]
+    ok = linalg.is_finite(d_leaves)
+    d_leaves = [jnp.where(ok, a, b) for a, b in zip(d_leaves, fallback_d, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, d_leaves)
+
+
+def _has_l2(l2: Any) -> bool:
+    """Whether the L2 terms are formed: not for a static zero (an ``l2`` traced by
+    ``optax.inject_hyperparams`` may be zero at run time, and then adds exactly zero)."""
+    return not (base.is_number(l2) and l2 == 0)
+
+
+def _objective(value, params, l2: Any, dt):
+    """The minibatch loss ``value`` plus ``τ/2 |θ|^2``, in ``dt``."""
+    val = jnp.asarray(value, dt)
+    if _has_l2(l2):
+        val = val + 0.5 * l2 * optax.tree_utils.tree_vdot(params, params).astype(dt)
+    return val
+
+
+def _reduction_ratio(
+    opts: _Options, extra, params, direction, grads, g_hat, blocks, metas, num, dt
+) -> jax.Array:
     """``ρ = (L(θ) - L(θ - d)) / pred`` with ``L`` the minibatch loss plus ``τ/2 |θ|^2``."""
-    loss_fn = extra[base.LOSS_FN]
-
-    def total(p):
-        val = jnp.asarray(loss_fn(p), dt)
-        if l2:
-            val = val + 0.5 * l2 * _tree_vdot(p, p).astype(dt)
-        return val
-
-    current = extra.get("value")
-    if current is None:
-        current = total(params)
-    else:
-        current = jnp.asarray(current, dt)
-        if l2:
-            current = current + 0.5 * l2 * _tree_vdot(params, params).astype(dt)
+    l2 = opts.l2
+    loss_fn = extra[extra_args.LOSS_FN]
+    value = extra.get("value")
+    current = _objective(loss_fn(params) if value is None else value, params, l2, dt)
     trial_params = jax.tree.map(lambda p, d: p - d.astype(p.dtype), params, direction)
-    trial = total(trial_params)
-    if lm_model == "damped":
-        pred = 0.5 * _tree_vdot(g_hat, direction)
+    trial = _objective(loss_fn(trial_params), trial_params, l2, dt)
+    vdot = optax.tree_utils.tree_vdot
+    if opts.lm_model == "damped":
+        pred = 0.5 * vdot(g_hat, direction)
     else:
-        pred = _tree_vdot(grads, direction)
+        pred = vdot(grads, direction)
         curv = jnp.asarray(0.0, dt)
         if blocks:
-            leaves, index, _ = layers_lib.leaf_index(direction)
-            mats = []
-            for m in metas:
-                ki = base.match_path(tuple(m.kernel_path), index)
-                bi = base.match_path(tuple(m.bias_path), index) if m.has_bias else None
-                mats.append(
-                    layers_lib.homogeneous_grad(
-                        leaves[ki], leaves[bi] if bi is not None else None, m
-                    )
-                )
-            jd = _jvp_rows(blocks, mats)
+            jd = woodbury.jvp_rows(blocks, _layer_matrices(direction, metas)[3])
             curv = jnp.vdot(jd, jd) / num
-        if l2:
-            curv = curv + l2 * _tree_vdot(direction, direction)
+        if _has_l2(l2):
+            curv = curv + l2 * vdot(direction, direction)
         pred = pred - 0.5 * curv
-    actual = current - trial
-    good = (actual >= 0) & (pred > 0) & jnp.isfinite(actual) & jnp.isfinite(pred)
-    return jnp.where(good, actual / jnp.where(pred > 0, pred, 1.0), -jnp.inf).astype(dt)
+    return lm_damping.reduction_ratio(current, trial, pred).astype(dt)
 
 
 _FIXES = {
-    base.LAYER_STATS: base.stats_fix_line(),
-    base.LOSS_FN: (
+    extra_args.LAYER_STATS: base.stats_fix_line(),
+    extra_args.LOSS_FN: (
         "Levenberg-Marquardt damping evaluates the minibatch loss at the trial point, e.g.\n"
         "    loss_fn = lambda p: loss(model.apply({'params': p}, x), y)\n"
         "    tx.update(grads, opt_state, params, ..., loss_fn=loss_fn)\n"
         "or build the optimizer with adapt_damping=False."
     ),
-    PROBE_STATS_FN: (
+    extra_args.PROBE_STATS_FN: (
         "It maps output cotangents v of shape (m, c) to the layer statistics on the m curvature "
         "examples, e.g.\n"
         "    probe_stats_fn = lambda v: kfqn_jax.flax.layer_stats(model, params, x[:m], "
@@ -502,15 +374,55 @@ _FIXES = {
         "(with model_outputs=...). Alternatively pass layer_stats captured with "
         "value_grads_and_stats(..., exact_fisher=True)."
     ),
-    MODEL_OUTPUTS: (
+    extra_args.MODEL_OUTPUTS: (
         "Pass the model outputs (logits) on the batch, e.g. model_outputs=out.aux['outputs'] "
         "from kfqn_jax.flax.value_grads_and_stats; the first m rows are used."
     ),
 }
 
 
+def _lm_needs(adapt_damping: bool) -> tuple[str, ...]:
+    return (extra_args.LOSS_FN,) if adapt_damping else ()
+
+
 # ---------------------------------------------------------------------------------------------
 # SMW-NG.
+
+
+@dataclasses.dataclass(frozen=True)
+class _FisherRows:
+    """SMW-NG's rows of ``J``: per-example gradients of the first ``m`` captured examples."""
+
+    fisher: str
+    opts: _Options
+
+    def __call__(self, updates, dtype, extra, count):
+        del count
+        layers, cbatch, mode = self.opts.layers, self.opts.curvature_batch, self.opts.gram_mode
+        layer_stats = extra[extra_args.LAYER_STATS]
+        metas = layers_lib.resolve_layers(updates, layers, KINDS)
+        base.check_layer_stats("smw_ng", layer_stats)
+        stats = layers_lib.match_stats("smw_ng", metas, layer_stats)
+        blocks = []
+        num = 0
+        for s in stats:
+            g = s.g_sampled if self.fisher == "true" else s.g
+            if g is None:
+                raise ValueError(
+                    f"smw_ng(fisher='true') needs sampled-label cotangents for layer "
+                    f"{s.meta.name!r}: capture with sampled='cotangents' (and rng=...), or use "
+                    "fisher='empirical'."
+                )
+            batch = s.a.shape[0]
+            num = batch if cbatch is None else cbatch
+            if num > batch:
+                raise ValueError(
+                    f"smw_ng: curvature_batch={num} exceeds the captured batch of {batch}."
+                )
+            a = layers_lib.inputs_matrix(s)[:num].astype(dtype)
+            gam = (g[:num].astype(dtype) * batch)[None]
+            blocks.append(woodbury.make_block(a, gam, mode))
+        return list(metas), blocks, num
 
 
 def scale_by_smw_ng(
@@ -547,8 +459,9 @@ def scale_by_smw_ng(
         the curvature subsample (static int); ``None``: the whole batch. Shuffle the data, as
         usual, so that the first ``m`` are a random subsample.
       l2: L2 coefficient ``τ`` folded into the damping of the solve (``λ' = λ + τ``) and added
-        as ``τ/2 |θ|^2`` to the loss of the LM ratio. It does not add ``τθ`` to the gradient:
-        :func:`smw_ng` does that with ``weight_decay``.
+        as ``τ/2 |θ|^2`` to the loss of the LM ratio (a scalar, which
+        ``optax.inject_hyperparams`` may trace). It does not add ``τθ`` to the gradient:
+        :func:`smw_ng` does that with ``l2_reg``.
       momentum: ``β_max`` of the gradient moving average ``ĝ ← β_k ĝ + (1 - β_k) g`` with
         ``β_k = min(1 - 1/(k+1), β_max)`` (the authors' rule, unbiased from the first step);
         0 (default) disables it. Static.
@@ -565,97 +478,51 @@ def scale_by_smw_ng(
       damping_bounds: ``λ`` is clipped to ``[min, max]`` at the start and after each
         adaptation (with ``adapt_damping``): ``min`` is the damping floor.
       gram_mode: ``"auto"``, ``"positions"`` or ``"per_example"``: how conv layers (``T > 1``)
-        contract to the Gram (identical results; see the module docstring).
+        contract to the Gram (identical results; see ``kfqn_jax._src.woodbury``).
       layers: the captured layers to precondition: ``None`` guesses them from parameter names,
         or a sequence of :class:`LayerMeta` (``kfqn_jax.flax.layer_metas``).
       fallback: transform for parameters outside the captured Dense/Conv layers (norm scales,
         embeddings). Default ``None``: they get ``ĝ / λ'``, i.e. they are treated as having zero
         curvature, which is the SMW direction of the block-diagonal Fisher whose block for them
         is zero. Per-example gradients of such parameters (through ``vmap``) are not formed.
-      ON_NONFINITE
+      on_nonfinite: what a step does when the gradients, the statistics it is given, or
+        the updates and state it produces hold a NaN or an infinity: ``"skip"``
+        (default) returns zero updates and the previous state with ``nonfinite_count``
+        incremented (so ``count`` does not advance either); ``"raise"`` raises a
+        ``FloatingPointError`` from the device (under ``jit``, surfaced by JAX as a
+        ``jax.errors.JaxRuntimeError`` carrying that message); ``"ignore"`` does not
+        check.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``layer_stats`` (captured
-      with ``sampled="cotangents"`` for ``fisher="true"``), and ``loss_fn`` (``params ->`` the
-      minibatch loss) with ``adapt_damping``; it accepts ``value`` (the loss at ``params``) to
-      save one forward pass.
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``layer_stats``
+      (captured with ``sampled="cotangents"`` for ``fisher="true"``) and, with
+      ``adapt_damping``, ``loss_fn`` (``params ->`` the minibatch loss); it accepts ``value``
+      (the loss at ``params``) to save one forward pass. It declares these requirements to
+      :func:`kfqn_jax.requirements`.
     """
     base.check_choice("smw_ng", "fisher", fisher, ("true", "empirical"))
-    _check_common(
-        "smw_ng",
-        damping,
-        momentum,
-        lm_factor,
-        lm_thresholds,
-        lm_model,
-        gram_mode,
-        damping_bounds,
-        curvature_batch,
-    )
-
-    def curvature(updates, dtype, extra, count):
-        del count
-        layer_stats = extra[base.LAYER_STATS]
-        metas = layers_lib.resolve_layers(updates, layers, KINDS)
-        base.check_layer_stats("smw_ng", layer_stats)
-        stats = layers_lib.match_stats("smw_ng", metas, layer_stats)
-        blocks = []
-        num = 0
-        for s in stats:
-            g = s.g_sampled if fisher == "true" else s.g
-            if g is None:
-                raise ValueError(
-                    f"smw_ng(fisher='true') needs sampled-label cotangents for layer "
-                    f"{s.meta.name!r}: capture with sampled='cotangents' (and rng=...), or use "
-                    "fisher='empirical'."
-                )
-            batch = s.a.shape[0]
-            num = batch if curvature_batch is None else curvature_batch
-            if num > batch:
-                raise ValueError(
-                    f"smw_ng: curvature_batch={num} exceeds the captured batch of {batch}."
-                )
-            a = layers_lib.inputs_matrix(s)[:num].astype(dtype)
-            gam = (g[:num].astype(dtype) * batch)[None]
-            blocks.append(_make_block(a, gam, gram_mode))
-        return list(metas), blocks, num
-
-    return _smw_transform(
-        "smw_ng",
-        curvature,
-        (base.LAYER_STATS,),
-        damping=damping,
-        l2=l2,
-        momentum=momentum,
-        adapt_damping=adapt_damping,
-        lm_factor=lm_factor,
-        lm_thresholds=lm_thresholds,
-        lm_model=lm_model,
-        lm_reject=lm_reject,
-        damping_bounds=damping_bounds,
-        layers=layers,
-        fallback=fallback,
+    opts = _Options(
+        method="smw_ng", damping=damping, curvature_batch=curvature_batch, l2=l2,
+        momentum=momentum, adapt_damping=adapt_damping, lm_factor=lm_factor,
+        lm_thresholds=lm_thresholds, lm_model=lm_model, lm_reject=lm_reject,
+        damping_bounds=damping_bounds, gram_mode=gram_mode, layers=layers, fallback=fallback,
         on_nonfinite=on_nonfinite,
+    )  # fmt: skip
+    opts.check()
+    reqs = extra_args.Requirements(
+        extra_args=(extra_args.LAYER_STATS, *_lm_needs(adapt_damping)),
+        sampled="cotangents" if fisher == "true" else None,
     )
-
-
-scale_by_smw_ng.__doc__ = scale_by_smw_ng.__doc__.replace("ON_NONFINITE", safety.ON_NONFINITE_DOC)
-
-
-def _alias(scale_by, learning_rate, weight_decay, **kwargs):
-    parts = []
-    if weight_decay:
-        parts.append(optax.add_decayed_weights(weight_decay))
-    parts.append(scale_by(l2=weight_decay, **kwargs))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
+    return _smw_transform(opts, _FisherRows(fisher, opts), (extra_args.LAYER_STATS,), reqs)
 
 
 def smw_ng(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     damping: optax.ScalarOrSchedule = 1.0,
     *,
-    weight_decay: float = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay_mask: Any = None,
+    l2_reg: float = 0.0,
     fisher: str = "true",
     curvature_batch: int | None = None,
     momentum: float = 0.0,
@@ -674,15 +541,18 @@ def smw_ng(
 
     .. math::
 
-        θ ← θ - α (F + (λ + τ) I)^{-1} ĝ, \qquad
-        F = \frac{1}{m} \sum_{i<m} ∇ℓ_i ∇ℓ_i^T, \qquad ĝ = ∇L(θ) + τθ \;(\text{or its EMA}),
+        θ ← θ - α \big[(F + (λ + λ_2) I)^{-1} ĝ + τθ\big], \qquad
+        F = \frac{1}{m} \sum_{i<m} ∇ℓ_i ∇ℓ_i^T, \qquad ĝ = ∇L(θ) + λ_2θ \;(\text{or its EMA}),
 
-    with ``α = learning_rate``, ``λ = damping`` (adapted by Levenberg-Marquardt), ``τ =
-    weight_decay``, ``m = curvature_batch``. ``(F + λ'I)^{-1} ĝ`` costs one ``m × m`` Cholesky
-    solve of ``K/m + λ'I`` with ``K = Σ_l (Ã_l Ã_l^T) ∘ (Γ_l Γ_l^T)`` built from the captured
-    layer inputs ``Ã_l`` and per-example output cotangents ``Γ_l`` (no per-example gradient
-    of the network is formed), and a back-projection ``J^T v̂`` per layer. Keyword arguments
-    are those of :func:`scale_by_smw_ng`; ``curvature_batch``, ``momentum``, ``weight_decay``,
+    with ``α = learning_rate``, ``λ = damping`` (adapted by Levenberg-Marquardt), ``λ₂ =
+    l2_reg`` (coupled L2: added to the gradient, folded into the damping and into the loss of
+    the LM ratio), ``τ = weight_decay`` (decoupled, after the preconditioner, on the parameters
+    selected by ``weight_decay_mask``; before kfqn_jax 0.2 ``weight_decay`` meant ``l2_reg``),
+    ``m = curvature_batch``. ``(F + λ'I)^{-1} ĝ`` costs one ``m × m`` Cholesky solve of
+    ``K/m + λ'I`` with ``K = Σ_l (Ã_l Ã_l^T) ∘ (Γ_l Γ_l^T)`` built from the captured layer
+    inputs ``Ã_l`` and per-example output cotangents ``Γ_l`` (no per-example gradient of the
+    network is formed), and a back-projection ``J^T v̂`` per layer. The other keyword
+    arguments are those of :func:`scale_by_smw_ng`; ``curvature_batch``, ``momentum``,
     ``adapt_damping`` and ``lm_reject`` are static for ``optax.inject_hyperparams``.
     ``on_nonfinite`` (``"skip"``, ``"raise"`` or ``"ignore"``) says what a step with NaN or
     infinite gradients, statistics or results does; by default it is skipped and counted in
@@ -705,33 +575,161 @@ def smw_ng(
       ...     layer_stats=out.stats, loss_fn=loss_fn, value=out.loss)
       >>> params = optax.apply_updates(params, updates)
 
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the extra arguments
+      of :func:`scale_by_smw_ng`.
+
     References:
       Ren & Goldfarb, `Efficient Subsampled Gauss-Newton and Natural Gradient Methods for
       Training Neural Networks <https://arxiv.org/abs/1906.02353>`_, 2019.
     """
-    return _alias(
-        scale_by_smw_ng,
+    inner = scale_by_smw_ng(
+        damping, fisher=fisher, curvature_batch=curvature_batch, l2=l2_reg, momentum=momentum,
+        adapt_damping=adapt_damping, lm_factor=lm_factor, lm_thresholds=lm_thresholds,
+        lm_model=lm_model, lm_reject=lm_reject, damping_bounds=damping_bounds,
+        gram_mode=gram_mode, layers=layers, fallback=fallback, on_nonfinite=on_nonfinite,
+    )  # fmt: skip
+    return alias.build(
+        "smw_ng",
+        inner,
         learning_rate,
-        weight_decay,
-        damping=damping,
-        fisher=fisher,
-        curvature_batch=curvature_batch,
-        momentum=momentum,
-        adapt_damping=adapt_damping,
-        lm_factor=lm_factor,
-        lm_thresholds=lm_thresholds,
-        lm_model=lm_model,
-        lm_reject=lm_reject,
-        damping_bounds=damping_bounds,
-        gram_mode=gram_mode,
-        layers=layers,
-        fallback=fallback,
-        on_nonfinite=on_nonfinite,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        l2_reg=l2_reg,
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # SMW-GN.
+
+
+@dataclasses.dataclass(frozen=True)
+class _GaussNewtonRows:
+    """SMW-GN's rows of ``J``: backward passes of the columns (or sketches) of ``L_i``, from
+    ``probe_stats_fn`` or from the capture's exact-GGN cotangents ``g_exact``."""
+
+    loss: losses_lib.Loss
+    output_samples: int | None
+    output_sampling: str
+    max_system_size: int
+    seed: int
+    opts: _Options
+
+    def n_directions(self, c: int, num: int) -> int:
+        s = self.output_samples
+        n_dirs = c if s is None or s >= c else s
+        if num * n_dirs > self.max_system_size:
+            raise ValueError(
+                f"smw_gn: the Gauss-Newton system would be {num * n_dirs} x {num * n_dirs} "
+                f"(curvature batch m={num} times {n_dirs} output directions), above "
+                f"max_system_size={self.max_system_size}. Use output_samples=s (s random output "
+                f"directions per step, e.g. s={max(1, self.max_system_size // num)}), a smaller "
+                "curvature_batch, or raise max_system_size."
+            )
+        return n_dirs
+
+    def directions(self, c: int, num: int, count):
+        """The output columns used this step and their scale ``√(c/s)``."""
+        n_dirs = self.n_directions(c, num)
+        if n_dirs == c:
+            return jnp.arange(c), 1.0
+        key = jax.random.fold_in(jax.random.key(self.seed), count)
+        return jax.random.choice(key, c, (n_dirs,), replace=False), (c / n_dirs) ** 0.5
+
+    def sketch_signs(self, c: int, num: int, count, dtype):
+        """Rademacher signs ``(s, m, c)`` for ``output_sampling="sketch"`` with ``s < c``;
+        ``None`` when the output columns themselves are used."""
+        n_dirs = self.n_directions(c, num)
+        if self.output_sampling != "sketch" or n_dirs == c:
+            return None
+        key = jax.random.fold_in(jax.random.key(self.seed), count)
+        return jax.random.rademacher(key, (n_dirs, num, c), dtype)
+
+    def from_exact(self, updates, dtype, layer_stats, count):
+        """Rows from the capture's exact-GGN cotangents (``value_grads_and_stats(...,
+        exact_fisher=True)``): all ``c`` outputs on the whole batch, then the first ``m``."""
+        metas = self.opts.metas(updates)
+        base.check_layer_stats("smw_gn", layer_stats)
+        stats = layers_lib.match_stats("smw_gn", metas, layer_stats)
+        blocks, num = [], 1
+        for st in stats:
+            if st.g_exact is None:
+                raise ValueError(
+                    f"smw_gn: layer {st.meta.name!r} has no g_exact: capture with "
+                    "kfqn_jax.flax.value_grads_and_stats(..., exact_fisher=True), or pass "
+                    "probe_stats_fn and model_outputs."
+                )
+            batch = st.a.shape[0]
+            num = batch if self.opts.curvature_batch is None else self.opts.curvature_batch
+            if num > batch:
+                raise ValueError(
+                    f"smw_gn: curvature_batch={num} exceeds the captured batch of {batch}."
+                )
+            c = st.g_exact.shape[0]
+            a = layers_lib.inputs_matrix(st)[:num].astype(dtype)
+            signs = self.sketch_signs(c, num, count, dtype)
+            if signs is not None:
+                # Backprop is linear: the sketch of the columns' cotangents is their signed sum.
+                g_cols = st.g_exact[:, :num].astype(dtype)
+                gam = jnp.einsum("cn...,snc->sn...", g_cols, signs)
+                gam = gam * (batch / jnp.sqrt(float(signs.shape[0])))
+            else:
+                cols, scale = self.directions(c, num, count)
+                gam = st.g_exact[cols, :num].astype(dtype) * (batch * scale)
+            blocks.append(woodbury.make_block(a, gam, self.opts.gram_mode))
+        return list(metas), blocks, num
+
+    def __call__(self, updates, dtype, extra, count):
+        probe_fn = extra.get(extra_args.PROBE_STATS_FN)
+        if probe_fn is None:
+            if extra.get(extra_args.LAYER_STATS) is not None:
+                return self.from_exact(updates, dtype, extra[extra_args.LAYER_STATS], count)
+            name = extra_args.PROBE_STATS_FN
+            raise base.missing_extra_arg("smw_gn", name, _FIXES[name])
+        if extra.get(extra_args.MODEL_OUTPUTS) is None:
+            name = extra_args.MODEL_OUTPUTS
+            raise base.missing_extra_arg("smw_gn", name, _FIXES[name])
+        outputs = jnp.asarray(extra[extra_args.MODEL_OUTPUTS])
+        metas = self.opts.metas(updates)
+        if outputs.ndim != 2:
+            raise ValueError(
+                f"smw_gn: model_outputs must have shape (batch, outputs), got {outputs.shape}."
+            )
+        c, cbatch = outputs.shape[-1], self.opts.curvature_batch
+        num = outputs.shape[0] if cbatch is None else cbatch
+        if num > outputs.shape[0]:
+            raise ValueError(
+                f"smw_gn: curvature_batch={num} but model_outputs has only {outputs.shape[0]} rows."
+            )
+        if not metas:
+            return [], [], num
+        z = jax.lax.stop_gradient(outputs[:num]).astype(dtype)
+        signs = self.sketch_signs(c, num, count, dtype)
+        if signs is not None:
+            probes = woodbury.hessian_sqrt_sketch(self.loss, z, signs)
+            probes = probes / jnp.sqrt(float(signs.shape[0]))
+        else:
+            cols, scale = self.directions(c, num, count)
+            probes = woodbury.hessian_sqrt_columns(self.loss, z, cols) * scale  # (s, m, c)
+        stats_all = jax.vmap(probe_fn)(probes.astype(outputs.dtype))
+        return list(metas), self.probe_blocks(metas, stats_all, num, dtype), num
+
+    def probe_blocks(self, metas, stats_all, num: int, dtype) -> list[woodbury.Block]:
+        """Blocks of the probes' statistics (vmapped over the ``s`` directions)."""
+        # Per-layer statistics: inputs do not depend on the probe (take one copy).
+        stats = layers_lib.match_stats("smw_gn", metas, stats_all)
+        blocks = []
+        for st in stats:
+            if st.a.shape[1] != num:
+                raise ValueError(
+                    f"smw_gn: probe_stats_fn returned layer {st.meta.name!r} with "
+                    f"{st.a.shape[1]} examples, expected {num}."
+                )
+            one = LayerStats(a=st.a[0], g=st.g[0], meta=st.meta)
+            a = layers_lib.inputs_matrix(one).astype(dtype)
+            gam = st.g.astype(dtype) * num  # cotangent of the probe mean -> per example
+            blocks.append(woodbury.make_block(a, gam, self.opts.gram_mode))
+        return blocks
 
 
 def scale_by_smw_gn(
@@ -785,7 +783,8 @@ def scale_by_smw_gn(
         :func:`scale_by_smw_ng`.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs (and declares to
+      :func:`kfqn_jax.requirements`):
 
       * ``probe_stats_fn``: ``v -> dict[str, LayerStats]`` for output cotangents ``v`` of
         shape ``(m, c)``: the layer statistics of the linear loss ``mean_i <z_i, v_i>`` on the
@@ -798,154 +797,34 @@ def scale_by_smw_gn(
         outputs (one event axis, no sequence axis) are supported.
       * ``loss_fn`` with ``adapt_damping`` (``value`` optional), as for SMW-NG.
 
-      Alternatively, without ``probe_stats_fn``: ``layer_stats`` captured with
-      ``kfqn_jax.flax.value_grads_and_stats(..., exact_fisher=True)``, whose ``g_exact`` holds
-      the same cotangents for all ``c`` outputs on the whole batch (``c`` backward passes over
-      ``B`` rather than ``m`` examples; ``Q`` then comes from the capture's loss, and
+      Alternatively (declared optional), without ``probe_stats_fn``: ``layer_stats`` captured
+      with ``kfqn_jax.flax.value_grads_and_stats(..., exact_fisher=True)``, whose ``g_exact``
+      holds the same cotangents for all ``c`` outputs on the whole batch (``c`` backward passes
+      over ``B`` rather than ``m`` examples; ``Q`` then comes from the capture's loss, and
       ``output_samples`` only shrinks the system, not the backward cost).
     """
     if output_samples is not None:
         base.check_positive_int("smw_gn", "output_samples", output_samples, what=" or None (all)")
     base.check_choice("smw_gn", "output_sampling", output_sampling, ("columns", "sketch"))
     base.check_positive_int("smw_gn", "max_system_size", max_system_size)
-    _check_common(
-        "smw_gn",
-        damping,
-        momentum,
-        lm_factor,
-        lm_thresholds,
-        lm_model,
-        gram_mode,
-        damping_bounds,
-        curvature_batch,
-    )
-    loss_obj = losses_lib.as_loss(loss)
-
-    def n_directions(c: int, num: int) -> int:
-        n_dirs = c if output_samples is None or output_samples >= c else output_samples
-        if num * n_dirs > max_system_size:
-            raise ValueError(
-                f"smw_gn: the Gauss-Newton system would be {num * n_dirs} x {num * n_dirs} "
-                f"(curvature batch m={num} times {n_dirs} output directions), above "
-                f"max_system_size={max_system_size}. Use output_samples=s (s random output "
-                f"directions per step, e.g. s={max(1, max_system_size // num)}), a smaller "
-                "curvature_batch, or raise max_system_size."
-            )
-        return n_dirs
-
-    def directions(c: int, num: int, count):
-        n_dirs = n_directions(c, num)
-        if n_dirs == c:
-            return jnp.arange(c), 1.0
-        key = jax.random.fold_in(jax.random.key(seed), count)
-        return jax.random.choice(key, c, (n_dirs,), replace=False), (c / n_dirs) ** 0.5
-
-    def sketch_signs(c: int, num: int, count, dtype):
-        """Rademacher signs ``(s, m, c)`` for ``output_sampling="sketch"`` with ``s < c``;
-        ``None`` when the output columns themselves are used."""
-        n_dirs = n_directions(c, num)
-        if output_sampling != "sketch" or n_dirs == c:
-            return None
-        key = jax.random.fold_in(jax.random.key(seed), count)
-        return jax.random.rademacher(key, (n_dirs, num, c), dtype)
-
-    def from_exact(updates, dtype, layer_stats, count):
-        # Rows from the capture's exact-GGN cotangents (value_grads_and_stats(...,
-        # exact_fisher=True)): all c outputs on the whole batch, then the first m examples.
-        metas = layers_lib.resolve_layers(updates, layers, KINDS)
-        base.check_layer_stats("smw_gn", layer_stats)
-        stats = layers_lib.match_stats("smw_gn", metas, layer_stats)
-        blocks, num = [], 1
-        for st in stats:
-            if st.g_exact is None:
-                raise ValueError(
-                    f"smw_gn: layer {st.meta.name!r} has no g_exact: capture with "
-                    "kfqn_jax.flax.value_grads_and_stats(..., exact_fisher=True), or pass "
-                    "probe_stats_fn and model_outputs."
-                )
-            batch = st.a.shape[0]
-            num = batch if curvature_batch is None else curvature_batch
-            if num > batch:
-                raise ValueError(
-                    f"smw_gn: curvature_batch={num} exceeds the captured batch of {batch}."
-                )
-            c = st.g_exact.shape[0]
-            a = layers_lib.inputs_matrix(st)[:num].astype(dtype)
-            signs = sketch_signs(c, num, count, dtype)
-            if signs is not None:
-                # Backprop is linear: the sketch of the columns' cotangents is their signed sum.
-                g_cols = st.g_exact[:, :num].astype(dtype)
-                gam = jnp.einsum("cn...,snc->sn...", g_cols, signs)
-                gam = gam * (batch / jnp.sqrt(float(signs.shape[0])))
-            else:
-                cols, scale = directions(c, num, count)
-                gam = st.g_exact[cols, :num].astype(dtype) * (batch * scale)
-            blocks.append(_make_block(a, gam, gram_mode))
-        return list(metas), blocks, num
-
-    def curvature(updates, dtype, extra, count):
-        probe_fn = extra.get(PROBE_STATS_FN)
-        if probe_fn is None:
-            if extra.get(base.LAYER_STATS) is not None:
-                return from_exact(updates, dtype, extra[base.LAYER_STATS], count)
-            raise base.missing_extra_arg("smw_gn", PROBE_STATS_FN, _FIXES[PROBE_STATS_FN])
-        if extra.get(MODEL_OUTPUTS) is None:
-            raise base.missing_extra_arg("smw_gn", MODEL_OUTPUTS, _FIXES[MODEL_OUTPUTS])
-        outputs = jnp.asarray(extra[MODEL_OUTPUTS])
-        metas = layers_lib.resolve_layers(updates, layers, KINDS)
-        if outputs.ndim != 2:
-            raise ValueError(
-                f"smw_gn: model_outputs must have shape (batch, outputs), got {outputs.shape}."
-            )
-        c = outputs.shape[-1]
-        num = outputs.shape[0] if curvature_batch is None else curvature_batch
-        if num > outputs.shape[0]:
-            raise ValueError(
-                f"smw_gn: curvature_batch={num} but model_outputs has only {outputs.shape[0]} rows."
-            )
-        if not metas:
-            return [], [], num
-        z = jax.lax.stop_gradient(outputs[:num]).astype(dtype)
-        signs = sketch_signs(c, num, count, dtype)
-        if signs is not None:
-            probes = hessian_sqrt_sketch(loss_obj, z, signs) / jnp.sqrt(float(signs.shape[0]))
-        else:
-            cols, scale = directions(c, num, count)
-            probes = hessian_sqrt_columns(loss_obj, z, cols) * scale  # (s, m, c)
-        stats_all = jax.vmap(probe_fn)(probes.astype(outputs.dtype))
-        # Per-layer statistics: inputs do not depend on the probe (take one copy).
-        stats = layers_lib.match_stats("smw_gn", metas, stats_all)
-        blocks = []
-        for st in stats:
-            if st.a.shape[1] != num:
-                raise ValueError(
-                    f"smw_gn: probe_stats_fn returned layer {st.meta.name!r} with "
-                    f"{st.a.shape[1]} examples, expected {num}."
-                )
-            a = layers_lib.inputs_matrix(LayerStats(a=st.a[0], g=st.g[0], meta=st.meta)).astype(
-                dtype
-            )
-            gam = st.g.astype(dtype) * num  # cotangent of the probe mean -> per example
-            blocks.append(_make_block(a, gam, gram_mode))
-        return list(metas), blocks, num
-
-    return _smw_transform(
-        "smw_gn",
-        curvature,
-        (),
-        damping=damping,
-        l2=l2,
-        momentum=momentum,
-        adapt_damping=adapt_damping,
-        lm_factor=lm_factor,
-        lm_thresholds=lm_thresholds,
-        lm_model=lm_model,
-        lm_reject=lm_reject,
-        damping_bounds=damping_bounds,
-        layers=layers,
-        fallback=fallback,
+    opts = _Options(
+        method="smw_gn", damping=damping, curvature_batch=curvature_batch, l2=l2,
+        momentum=momentum, adapt_damping=adapt_damping, lm_factor=lm_factor,
+        lm_thresholds=lm_thresholds, lm_model=lm_model, lm_reject=lm_reject,
+        damping_bounds=damping_bounds, gram_mode=gram_mode, layers=layers, fallback=fallback,
         on_nonfinite=on_nonfinite,
+    )  # fmt: skip
+    opts.check()
+    rows = _GaussNewtonRows(
+        losses_lib.as_loss(loss), output_samples, output_sampling, max_system_size, seed, opts
     )
+    reqs = extra_args.Requirements(
+        extra_args=(
+            *_lm_needs(adapt_damping), extra_args.MODEL_OUTPUTS, extra_args.PROBE_STATS_FN
+        ),
+        optional=(extra_args.LAYER_STATS,),
+    )
+    return _smw_transform(opts, rows, (), reqs)
 
 
 def smw_gn(
@@ -953,7 +832,9 @@ def smw_gn(
     damping: optax.ScalarOrSchedule = 1.0,
     *,
     loss: Any = "softmax_cross_entropy",
-    weight_decay: float = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay_mask: Any = None,
+    l2_reg: float = 0.0,
     curvature_batch: int | None = None,
     output_samples: int | None = None,
     output_sampling: str = "columns",
@@ -975,17 +856,19 @@ def smw_gn(
 
     .. math::
 
-        θ ← θ - α \Big(\frac{1}{m} \sum_{i<m} J_i^T Q_i J_i + (λ + τ) I\Big)^{-1} ĝ,
+        θ ← θ - α \Big[\Big(\frac{1}{m} \sum_{i<m} J_i^T Q_i J_i + (λ + λ_2) I\Big)^{-1} ĝ
+        + τθ\Big],
 
-    with ``α = learning_rate``, ``λ = damping`` (adapted by Levenberg-Marquardt), ``τ =
-    weight_decay``, ``J_i = ∂z_i/∂θ``, ``Q_i = ∇²_z ℓ_i`` for ``loss`` (softmax or sigmoid
-    cross-entropy, squared error, or any :class:`kfqn_jax.losses.Loss`), ``ĝ`` the gradient
-    plus ``τθ`` (or its moving average). Costs ``c`` backward passes over the ``m`` curvature
-    examples and an ``(mc) × (mc)`` Cholesky solve; ``output_samples`` bounds ``c``. Keyword
-    arguments are those of :func:`scale_by_smw_gn`; ``curvature_batch``, ``output_samples``,
-    ``max_system_size``, ``seed``, ``momentum``, ``weight_decay``, ``adapt_damping`` and
-    ``lm_reject`` are static. Steps with non-finite values are skipped and counted
-    (``on_nonfinite``, as in :func:`smw_ng`).
+    with ``α = learning_rate``, ``λ = damping`` (adapted by Levenberg-Marquardt), ``λ₂ =
+    l2_reg`` (coupled L2, as in :func:`smw_ng`), ``τ = weight_decay`` (decoupled, masked by
+    ``weight_decay_mask``), ``J_i = ∂z_i/∂θ``, ``Q_i = ∇²_z ℓ_i`` for ``loss`` (softmax or
+    sigmoid cross-entropy, squared error, or any :class:`kfqn_jax.losses.Loss`), ``ĝ`` the
+    gradient plus ``λ₂θ`` (or its moving average). Costs ``c`` backward passes over the ``m``
+    curvature examples and an ``(mc) × (mc)`` Cholesky solve; ``output_samples`` bounds ``c``.
+    The other keyword arguments are those of :func:`scale_by_smw_gn`; ``curvature_batch``,
+    ``output_samples``, ``max_system_size``, ``seed``, ``momentum``, ``adapt_damping`` and
+    ``lm_reject`` are static. Steps with non-finite values are skipped
+    and counted (``on_nonfinite``, as in :func:`smw_ng`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
@@ -1007,30 +890,27 @@ def smw_gn(
       ...     loss_fn=lambda p: loss(model.apply({"params": p}, x), y))
       >>> params = optax.apply_updates(params, updates)
 
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the extra arguments
+      of :func:`scale_by_smw_gn`.
+
     References:
       Ren & Goldfarb, `Efficient Subsampled Gauss-Newton and Natural Gradient Methods for
       Training Neural Networks <https://arxiv.org/abs/1906.02353>`_, 2019.
     """
-    return _alias(
-        scale_by_smw_gn,
-        learning_rate,
-        weight_decay,
-        damping=damping,
-        loss=loss,
-        curvature_batch=curvature_batch,
-        output_samples=output_samples,
-        output_sampling=output_sampling,
-        max_system_size=max_system_size,
-        seed=seed,
-        momentum=momentum,
-        adapt_damping=adapt_damping,
-        lm_factor=lm_factor,
-        lm_thresholds=lm_thresholds,
-        lm_model=lm_model,
-        lm_reject=lm_reject,
-        damping_bounds=damping_bounds,
-        gram_mode=gram_mode,
-        layers=layers,
-        fallback=fallback,
+    inner = scale_by_smw_gn(
+        damping, loss=loss, curvature_batch=curvature_batch, output_samples=output_samples,
+        output_sampling=output_sampling, max_system_size=max_system_size, seed=seed,
+        l2=l2_reg, momentum=momentum, adapt_damping=adapt_damping, lm_factor=lm_factor,
+        lm_thresholds=lm_thresholds, lm_model=lm_model, lm_reject=lm_reject,
+        damping_bounds=damping_bounds, gram_mode=gram_mode, layers=layers, fallback=fallback,
         on_nonfinite=on_nonfinite,
+    )  # fmt: skip
+    return alias.build(
+        "smw_gn",
+        inner,
+        learning_rate,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        l2_reg=l2_reg,
     )

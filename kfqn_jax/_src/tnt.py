@@ -30,8 +30,10 @@ direction applied to the momentum ``m ← μ m + ∇L`` is
 
 with ``×_i`` the mode-``i`` product and ``vec`` the row-major (C-order) vectorisation.
 
-Shared with :mod:`kfqn_jax._src.shampoo`: the reshaping rules, the contractions and the
-mode products.
+Each leaf is one *mode block* (:class:`TNTBlock`: init, statistics and their moving average,
+refresh of the inverses, preconditioning); the reshaping rules, the contractions, the mode
+products and the loops over the leaves are shared with Shampoo in
+:mod:`kfqn_jax._src.tensor_modes`.
 """
 
 from __future__ import annotations
@@ -43,215 +45,23 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
-from kfqn_jax._src import base, linalg, safety
+from kfqn_jax._src import alias, base, extra_args, linalg, safety
+from kfqn_jax._src import tensor_modes as tm
+# ModeLayout, mode_contractions and mode_sizes are re-exported: tests reach them through here.
+from kfqn_jax._src.tensor_modes import ModeLayout as ModeLayout
+from kfqn_jax._src.tensor_modes import mode_contractions as mode_contractions
+from kfqn_jax._src.tensor_modes import mode_sizes as mode_sizes
 
-_HIGHEST = lax.Precision.HIGHEST
-
-RESHAPES = ("filter_flattening", "none")
 DAMPING_MODES = ("constant", "root", "max_eigenvalue", "mean_eigenvalue", "trace")
-# Contractions of modes at least twice this size are assembled from half-size blocks.
-_SYMMETRIC_SPLIT_MIN = 256
 
 
 # ------------------------------------------------------------------------------------------------
-# Modes: reshaping, contractions, mode products (shared with Shampoo).
+# The maths of one leaf: normalisation, per-mode damping, inverses.
 # ------------------------------------------------------------------------------------------------
 
 
-class ModeLayout(NamedTuple):
-    """Static description of how one parameter leaf is split into modes.
-
-    Attributes:
-      shape: the leaf's shape.
-      modes: the mode sizes ``(d_1, …, d_k)``, ``∏ d_i = prod(shape)``.
-      full: per mode, whether it has a full ``d_i × d_i`` matrix (``d_i <= max_dim``) or a
-        diagonal (a vector of ``d_i`` entries).
-    """
-
-    shape: tuple[int, ...]
-    modes: tuple[int, ...]
-    full: tuple[bool, ...]
-
-
-def mode_sizes(path: tuple[Any, ...], shape: Sequence[int], reshape: Any) -> tuple[int, ...]:
-    """The modes ``(d_1, …, d_k)`` of a leaf of ``shape`` under the rule ``reshape``.
-
-    * ``"filter_flattening"``: a leaf of rank ``r >= 4`` keeps its last two axes and merges the
-      others into one mode, ``(∏ shape[:-2], shape[-2], shape[-1])``. A Flax ``Conv`` kernel
-      ``(k_1, …, k_n, C_in, C_out)`` becomes ``(k_1⋯k_n, C_in, C_out)``, the authors'
-      filter flattening of PyTorch's ``(C_out, C_in, k_h k_w)``; ranks <= 3 (vectors, dense
-      kernels, 3-D ``DenseGeneral``/attention kernels, 1-D conv kernels) keep every axis.
-    * ``"none"``: every axis is a mode.
-    * a callable ``reshape(path, shape) -> modes`` with ``∏ modes = ∏ shape``.
-
-    Axes of size 1 are then dropped (a size-1 mode is a scalar factor that only rescales the
-    step), and a leaf with no axis left (a scalar, a ``(1,)`` bias) has the single mode ``(1,)``.
-    """
-    shape = tuple(int(d) for d in shape)
-    size = math.prod(shape)
-    if callable(reshape):
-        modes = tuple(int(d) for d in reshape(path, shape))
-        if math.prod(modes) != size:
-            raise ValueError(
-                f"reshape({path}, {shape}) returned modes {modes} whose product is not the "
-                f"leaf's size {size}."
-            )
-    elif reshape == "filter_flattening" and len(shape) >= 4:
-        modes = (math.prod(shape[:-2]),) + shape[-2:]
-    elif reshape in RESHAPES:
-        modes = shape
-    else:
-        raise ValueError(f"reshape must be one of {RESHAPES} or a callable, got {reshape!r}.")
-    modes = tuple(d for d in modes if d != 1)
-    return modes or (1,)
-
-
-def layouts_of(tree: Any, reshape: Any, max_dim: int | None) -> list[ModeLayout]:
-    """The :class:`ModeLayout` of every leaf of ``tree``, in ``tree_leaves`` order."""
-    out = []
-    for path, leaf in zip(base.tree_paths(tree), jax.tree.leaves(tree), strict=True):
-        modes = mode_sizes(path, jnp.shape(leaf), reshape)
-        full = tuple(max_dim is None or d <= max_dim for d in modes)
-        out.append(ModeLayout(tuple(jnp.shape(leaf)), modes, full))
-    return out
-
-
-def _symmetric_contraction(
-    x: jax.Array, axis: int, others: tuple[int, ...]
-) -> tuple[jax.Array, jax.Array]:
-    """``X_(axis) X_(axis)ᵀ`` exploiting symmetry, and its diagonal: with ``x`` split in halves
-    along ``axis``, ``C = [[C_00, C_01], [C_01ᵀ, C_11]]`` where the diagonal blocks recurse
-    (down to ``_SYMMETRIC_SPLIT_MIN``), which saves up to half of the flops of one product.
-    The diagonal is read from the products, so a caller that checks it and then consumes ``C``
-    elementwise lets XLA fuse the outer assembly into that use."""
-    d = x.shape[axis]
-    if d < 2 * _SYMMETRIC_SPLIT_MIN:
-        c = jnp.tensordot(x, x, axes=(others, others), precision=_HIGHEST)
-        return c, jnp.diagonal(c)
-    h = d // 2
-    x0 = lax.slice_in_dim(x, 0, h, axis=axis)
-    x1 = lax.slice_in_dim(x, h, d, axis=axis)
-    c01 = jnp.tensordot(x0, x1, axes=(others, others), precision=_HIGHEST)
-    c00, d00 = _symmetric_contraction(x0, axis, others)
-    c11, d11 = _symmetric_contraction(x1, axis, others)
-    return jnp.block([[c00, c01], [c01.T, c11]]), jnp.concatenate([d00, d11])
-
-
-def mode_contractions(
-    g: jax.Array, layout: ModeLayout, with_diagonals: bool = False
-) -> list[jax.Array] | tuple[list[jax.Array], list[jax.Array]]:
-    """``C_i = G_(i) G_(i)ᵀ`` per mode (its diagonal for diagonal modes) of ``g``; with
-    ``with_diagonals``, also the diagonal of each (the vector itself for diagonal modes)."""
-    x = g.reshape(layout.modes)
-    k = len(layout.modes)
-    out, diags = [], []
-    for i in range(k):
-        others = tuple(j for j in range(k) if j != i)
-        if not layout.full[i]:
-            c = jnp.sum(x * x, axis=others)
-            out.append(c)
-            diags.append(c)
-            continue
-        c, dg = _symmetric_contraction(x, i, others)
-        out.append(c)
-        diags.append(dg)
-    return (out, diags) if with_diagonals else out
-
-
-def mode_product(x: jax.Array, mat: jax.Array, axis: int, full: bool) -> jax.Array:
-    """``x ×_axis mat``: ``out[…, j, …] = Σ_l mat[l, j] x[…, l, …]`` (``mat`` a diagonal
-    vector when not ``full``)."""
-    k = x.ndim
-    if not full:
-        shape = [1] * k
-        shape[axis] = x.shape[axis]
-        return x * mat.reshape(shape)
-    if axis == k - 1:
-        return jnp.tensordot(x, mat, axes=([axis], [0]), precision=_HIGHEST)
-    y = jnp.tensordot(mat, x, axes=([0], [axis]), precision=_HIGHEST)
-    return y if axis == 0 else jnp.moveaxis(y, 0, axis)
-
-
-def precondition(g: jax.Array, mats: Sequence[jax.Array], layout: ModeLayout) -> jax.Array:
-    """``g ×_1 M_1 ×_2 … ×_k M_k`` reshaped back to the leaf's shape."""
-    x = g.reshape(layout.modes)
-    for i, (m, f) in enumerate(zip(mats, layout.full, strict=True)):
-        x = mode_product(x, m, i, f)
-    return x.reshape(layout.shape)
-
-
-def init_factors(layout: ModeLayout, dtype: Any, value: str) -> tuple[jax.Array, ...]:
-    """Per mode a zero (``value="zeros"``) or identity (``"eye"``) matrix, or its diagonal."""
-    out = []
-    for d, f in zip(layout.modes, layout.full, strict=True):
-        if value == "zeros":
-            out.append(jnp.zeros((d, d) if f else (d,), dtype))
-        elif f:
-            out.append(jnp.eye(d, dtype=dtype))
-        else:
-            out.append(jnp.ones((d,), dtype))
-    return tuple(out)
-
-
-def trace_of(mat: jax.Array, full: bool) -> jax.Array:
-    return jnp.trace(mat) if full else jnp.sum(mat)
-
-
-def ema_weight(ema_decay: Any, n: jax.Array, dtype: Any, warm_start: bool) -> jax.Array:
-    """``max(1 - β, 1 / (n + 1))`` (``1 / (n + 1)`` in a warm start: the arithmetic mean)."""
-    run = 1.0 / (n.astype(dtype) + 1.0)
-    if warm_start:
-        return run
-    return jnp.maximum(1.0 - jnp.asarray(ema_decay, dtype), run)
-
-
-def check_common(method: str, ema_decay: Any, momentum: Any, max_dim: Any, reshape: Any) -> None:
-    """Construction-time checks shared by TNT and Shampoo."""
-    if ema_decay is not None:
-        base.check_fraction(method, "ema_decay", ema_decay)
-    base.check_fraction(method, "momentum", momentum, static=True)
-    if max_dim is not None:
-        base.check_positive_int(method, "max_dim", max_dim, what=" or None (no cap)")
-    if not callable(reshape) and reshape not in RESHAPES:
-        raise ValueError(
-            f"{method}: reshape must be one of {', '.join(map(repr, RESHAPES))} or a callable "
-            f"(path, shape) -> modes; got {reshape!r}."
-        )
-
-
-def flatten_like(treedef: Any, tree: Any, what: str, method: str) -> list:
-    try:
-        return treedef.flatten_up_to(tree)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"{method}: {what} must have the structure of the gradients ({treedef}); {e}"
-        ) from e
-
-
-def with_warm_start(chain: optax.GradientTransformationExtraArgs, inner: Any, index: int):
-    """Wraps an ``optax.chain`` so that ``update(..., warm_start=True)`` only folds statistics
-    into the state of its element ``index`` (``inner``) and returns zero updates."""
-
-    def update_fn(updates, state, params=None, *, warm_start=False, **extra):
-        if not warm_start:
-            return chain.update(updates, state, params, **extra)
-        states = list(state)
-        zeros, states[index] = inner.update(
-            updates, states[index], params, warm_start=True, **extra
-        )
-        return zeros, tuple(states)
-
-    return optax.GradientTransformationExtraArgs(chain.init, update_fn)
-
-
-# ------------------------------------------------------------------------------------------------
-# TNT.
-# ------------------------------------------------------------------------------------------------
-
-
-def normalized_factors(stats: Sequence[jax.Array], layout: ModeLayout) -> list[jax.Array]:
+def normalized_factors(stats: Sequence[jax.Array], layout: tm.ModeLayout) -> list[jax.Array]:
     """The same-trace normalisation ``U_i = S_i / (c^{k-1} ∏_{j≠i} d_j)`` of one leaf.
 
     ``tr S`` is taken as the mean of the ``tr S_i`` (equal in exact arithmetic). Computed in log
@@ -259,7 +69,7 @@ def normalized_factors(stats: Sequence[jax.Array], layout: ModeLayout) -> list[j
     """
     k = len(layout.modes)
     dtype = stats[0].dtype
-    t = sum(trace_of(s, f) for s, f in zip(stats, layout.full, strict=True)) / k
+    t = sum(tm.trace_of(s, f) for s, f in zip(stats, layout.full, strict=True)) / k
     safe_t = jnp.where(t > 0, t, jnp.ones((), dtype))
     log_n = math.log(math.prod(layout.modes))
     log_c = (jnp.log(safe_t) - log_n) / k
@@ -271,7 +81,7 @@ def normalized_factors(stats: Sequence[jax.Array], layout: ModeLayout) -> list[j
 
 
 def mode_dampings(
-    factors: Sequence[jax.Array], layout: ModeLayout, damping: jax.Array, mode: str
+    factors: Sequence[jax.Array], layout: tm.ModeLayout, damping: jax.Array, mode: str
 ) -> list[jax.Array]:
     """``ε_i`` per mode for the damping rule ``mode`` (see :func:`scale_by_tnt`)."""
     k = len(layout.modes)
@@ -285,15 +95,15 @@ def mode_dampings(
             lam = jnp.max(u) if not f else linalg.safe_eigh(u)[0][-1]
             e = damping * lam
         elif mode == "mean_eigenvalue":
-            e = damping * trace_of(u, f) / d
+            e = damping * tm.trace_of(u, f) / d
         else:  # "trace"
-            e = damping * trace_of(u, f)
+            e = damping * tm.trace_of(u, f)
         out.append(jnp.asarray(e, u.dtype))
     return out
 
 
 def tnt_inverses(
-    stats: Sequence[jax.Array], layout: ModeLayout, damping: jax.Array, mode: str
+    stats: Sequence[jax.Array], layout: tm.ModeLayout, damping: jax.Array, mode: str
 ) -> tuple[jax.Array, ...]:
     """``P_i = (U_i + ε_i I)^{-1}`` of one leaf (Cholesky; ``1 / (u_i + ε_i)`` when diagonal)."""
     us = normalized_factors(stats, layout)
@@ -302,6 +112,78 @@ def tnt_inverses(
     for u, e, f in zip(us, eps, layout.full, strict=True):
         out.append(linalg.damped_cholesky_inverse(u, e) if f else 1.0 / (u + e))
     return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# One leaf's curvature block, and the pieces of a step.
+# ------------------------------------------------------------------------------------------------
+
+
+class TNTBlock(NamedTuple):
+    """One parameter leaf's TNT curvature block (static).
+
+    Attributes:
+      layout: the leaf's :class:`~kfqn_jax._src.tensor_modes.ModeLayout`.
+      damping_mode: the rule for ``ε_i`` (see :func:`scale_by_tnt`).
+    """
+
+    layout: tm.ModeLayout
+    damping_mode: str
+
+    def init(self, dtype: Any) -> tm.BlockInit:
+        """Zero statistics ``S_i``, identity inverses ``P_i`` (diagonals above ``max_dim``)."""
+        return tm.BlockInit(
+            tm.init_factors(self.layout, dtype, "zeros"),
+            tm.init_factors(self.layout, dtype, "eye"),
+            self.layout.shape,
+        )
+
+    def statistics(self, g: jax.Array, dtype: Any) -> tuple[tm.Moment, ...]:
+        """The contractions ``Ḡ_(i) Ḡ_(i)ᵀ`` of one batch, with their diagonals."""
+        return tm.mode_moments(g, self.layout, dtype)
+
+    def fold_ok(self, factors: tuple, moments: tuple, w: jax.Array) -> jax.Array:
+        """Whether the new moving averages are finite."""
+        return tm.ema_fold_ok(factors, moments, w)
+
+    def accumulate(self, factors: tuple, moments: tuple, w: jax.Array, ok: jax.Array) -> tuple:
+        """``S_i ← (1 - w) S_i + w Ḡ_(i) Ḡ_(i)ᵀ`` where ``ok``."""
+        return tm.ema_fold(factors, moments, w, ok)
+
+    def refresh(self, factors: tuple, damping: Any) -> tuple[jax.Array, ...]:
+        """``P_i = (U_i + ε_i I)^{-1}`` from the statistics."""
+        damping = jnp.asarray(damping, factors[0].dtype)
+        return tnt_inverses(factors, self.layout, damping, self.damping_mode)
+
+    def precondition(self, roots: tuple, x: jax.Array) -> jax.Array:
+        """``x ×_1 P_1 ×_2 … ×_k P_k``."""
+        return tm.precondition(x, roots, self.layout)
+
+
+class TNTOptions(NamedTuple):
+    """The static settings of one :func:`scale_by_tnt` (see its arguments).
+
+    ``fused``: ``on_nonfinite="skip"`` is fused into the step (as in kfac.py): the state
+    updates are gated by ``ok`` inside the operations that make them, instead of a select over
+    the whole state afterwards, a memory pass that cost about 16% of a TNT step on CPU.
+    """
+
+    damping: Any
+    ema_decay: Any
+    fisher: str
+    stats_every: int
+    inverse_every: int
+    damping_mode: str
+    momentum: float
+    reshape: Any
+    max_dim: int | None
+    fused: bool
+
+
+def tnt_blocks(tree: Any, opts: TNTOptions) -> list[TNTBlock]:
+    """The :class:`TNTBlock` of every leaf of ``tree``, in ``tree_leaves`` order."""
+    layouts = tm.layouts_of(tree, opts.reshape, opts.max_dim)
+    return [TNTBlock(lo, opts.damping_mode) for lo in layouts]
 
 
 class ScaleByTNTState(NamedTuple):
@@ -337,6 +219,145 @@ def _sampled_fix_line() -> str:
         "(Flax: kfqn_jax.flax.value_grads_and_stats(..., sampled='grads').sampled_grads), or "
         "use fisher='empirical'."
     )
+
+
+def check_options(opts: TNTOptions, on_nonfinite: str) -> None:
+    """The construction-time checks of :func:`scale_by_tnt`."""
+    base.check_choice("tnt", "fisher", opts.fisher, ("true", "empirical"))
+    base.check_choice("tnt", "damping_mode", opts.damping_mode, DAMPING_MODES)
+    base.check_positive_int("tnt", "stats_every", opts.stats_every)
+    base.check_positive_int("tnt", "inverse_every", opts.inverse_every)
+    tm.check_common("tnt", opts.ema_decay, opts.momentum, opts.max_dim, opts.reshape)
+    base.check_damping("tnt", opts.damping)
+    safety.check_on_nonfinite("tnt", on_nonfinite)
+
+
+def requirements(fisher: str) -> extra_args.Requirements:
+    """What :func:`scale_by_tnt` reads: ``sampled_grads`` for the true Fisher, else nothing
+    (the empirical Fisher's statistics come from the gradient itself)."""
+    if fisher == "true":
+        return extra_args.Requirements(extra_args=(extra_args.SAMPLED_GRADS,), sampled="grads")
+    return extra_args.Requirements()
+
+
+def init_state(params: Any, opts: TNTOptions) -> ScaleByTNTState:
+    """The state before any step: zero statistics, identity inverses, zero momentum."""
+    leaves, treedef = jax.tree.flatten(params)
+    dtypes = tm.leaf_dtypes(leaves)
+    inits = [blk.init(dt) for blk, dt in zip(tnt_blocks(params, opts), dtypes, strict=True)]
+    return ScaleByTNTState(
+        count=jnp.zeros([], jnp.int32),
+        nonfinite_count=jnp.zeros([], jnp.int32),
+        stats_count=jnp.zeros([], jnp.int32),
+        factors=treedef.unflatten([b.factors for b in inits]),
+        inverses=treedef.unflatten([b.roots for b in inits]),
+        momentum=tm.init_momentum(leaves, treedef, dtypes, opts.momentum),
+    )
+
+
+def statistics_source(
+    fisher: str, leaves: list, sampled_grads: Any, updates: Any
+) -> Sequence[jax.Array]:
+    """The leaves of ``Ḡ``: the gradient (``"empirical"``) or ``sampled_grads`` (called if it
+    is a function: only on statistics steps), checked against the gradients' structure."""
+    if fisher == "empirical":
+        return leaves
+    tree = sampled_grads() if callable(sampled_grads) else sampled_grads
+    return base.check_tree_like("tnt", extra_args.SAMPLED_GRADS, tree, updates, "gradients")
+
+
+def fold_statistics(
+    blocks: Sequence[TNTBlock],
+    batch: Sequence[jax.Array],
+    factors: Sequence[tuple],
+    n: jax.Array,
+    ok: jax.Array,
+    ema_decay: Any,
+    warm_start: bool,
+    fused: bool,
+) -> tuple[list[tuple], jax.Array, jax.Array]:
+    """Folds one batch into every leaf's statistics: ``(factors, stats_count, ok)``.
+
+    With ``fused`` the fold happens only if ``ok`` (the gradients' finiteness) and every new
+    moving average are finite; the flag is returned for the rest of the step.
+    """
+    folds = []
+    for blk, g, fac in zip(blocks, batch, factors, strict=True):
+        w = tm.ema_weight(ema_decay, n, fac[0].dtype, warm_start)
+        moments = blk.statistics(g, fac[0].dtype)
+        folds.append((w, moments))
+        if fused:
+            ok &= blk.fold_ok(fac, moments, w)
+    out = [
+        blk.accumulate(fac, moments, w, ok)
+        for blk, fac, (w, moments) in zip(blocks, factors, folds, strict=True)
+    ]
+    return out, jnp.where(ok, n + 1, n), ok
+
+
+def warm_start_step(updates, state, treedef, factors, n_stats, ok):
+    """A warm-start batch: zero updates; the statistics, their count and, if the batch was not
+    finite, ``nonfinite_count`` advance; ``count`` does not."""
+    zeros = jax.tree.map(jnp.zeros_like, updates)
+    return zeros, state._replace(
+        factors=treedef.unflatten([tuple(f) for f in factors]),
+        stats_count=n_stats,
+        nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32),
+    )
+
+
+def tnt_step(
+    opts: TNTOptions, updates: Any, state: ScaleByTNTState, sampled_grads: Any, warm_start: bool
+) -> tuple[Any, ScaleByTNTState]:
+    """One ``update`` of :func:`scale_by_tnt`: statistics every ``T_1`` steps, inverses on
+    their schedule, momentum and the mode products, the fused skip."""
+    if opts.fisher == "true" and sampled_grads is None:
+        raise base.missing_extra_arg("tnt", extra_args.SAMPLED_GRADS, _sampled_fix_line())
+    leaves, treedef = jax.tree.flatten(updates)
+    blocks = tnt_blocks(updates, opts)
+    factors = tm.flatten_like(treedef, state.factors, "state.factors", "tnt")
+    inverses = tm.flatten_like(treedef, state.inverses, "state.inverses", "tnt")
+    count = state.count
+    grads_ok = linalg.is_finite(leaves) if opts.fused else jnp.asarray(True)
+
+    def fold(operand):
+        batch = statistics_source(opts.fisher, leaves, sampled_grads, updates)
+        fac, n = operand
+        args = (opts.ema_decay, warm_start, opts.fused)
+        return fold_statistics(blocks, batch, fac, n, grads_ok, *args)
+
+    operand = (factors, state.stats_count)
+    if warm_start:
+        return warm_start_step(updates, state, treedef, *fold(operand))
+    do_stats = (count % opts.stats_every) == 0
+    skip = lambda op: (*op, grads_ok)  # noqa: E731
+    factors, n_stats, ok = tm.every(opts.stats_every, do_stats, fold, skip, operand)
+    damp = opts.damping(count) if callable(opts.damping) else opts.damping
+    do_inv = tm.refresh_due(count, opts.inverse_every, do_stats) & ok
+    always = opts.inverse_every == 1 and not opts.fused
+    new_inv = tm.refresh_leaves(blocks, factors, inverses, do_inv, damp, always)
+    dirs, new_mom = tm.precondition_leaves(
+        blocks, leaves, new_inv, state.momentum, opts.momentum, ok
+    )
+    out = [d.astype(g.dtype) for d, g in zip(dirs, leaves, strict=True)]
+    nonfinite = state.nonfinite_count
+    new_count = optax.safe_increment(count)
+    if opts.fused:
+        out, new_count, nonfinite = safety.finish_skip(ok, out, count, nonfinite)
+    new_state = ScaleByTNTState(
+        count=new_count,
+        nonfinite_count=nonfinite,
+        stats_count=n_stats,
+        factors=treedef.unflatten([tuple(f) for f in factors]),
+        inverses=treedef.unflatten(new_inv),
+        momentum=treedef.unflatten(new_mom) if opts.momentum > 0 else (),
+    )
+    return treedef.unflatten(out), new_state
+
+
+# ------------------------------------------------------------------------------------------------
+# The transforms.
+# ------------------------------------------------------------------------------------------------
 
 
 def scale_by_tnt(
@@ -391,7 +412,13 @@ def scale_by_tnt(
         callable; see :func:`mode_sizes`. Size-1 axes are dropped.
       max_dim: modes larger than this keep only a diagonal ``S_i`` (``U_i`` and ``P_i``
         diagonal too; the normalisation uses the same traces). ``None``: no cap. Static.
-      ON_NONFINITE
+      on_nonfinite: what a step does when the gradients, the statistics it is given, or
+        the updates and state it produces hold a NaN or an infinity: ``"skip"``
+        (default) returns zero updates and the previous state with ``nonfinite_count``
+        incremented (so ``count`` does not advance either); ``"raise"`` raises a
+        ``FloatingPointError`` from the device (under ``jit``, surfaced by JAX as a
+        ``jax.errors.JaxRuntimeError`` carrying that message); ``"ignore"`` does not
+        check.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``sampled_grads`` (a
@@ -401,143 +428,33 @@ def scale_by_tnt(
       as an arithmetic mean, returns zero updates and leaves ``count`` unchanged (the authors'
       warm start: one pass over the training set at the initial parameters).
     """
-    base.check_choice("tnt", "fisher", fisher, ("true", "empirical"))
-    base.check_choice("tnt", "damping_mode", damping_mode, DAMPING_MODES)
-    base.check_positive_int("tnt", "stats_every", stats_every)
-    base.check_positive_int("tnt", "inverse_every", inverse_every)
-    check_common("tnt", ema_decay, momentum, max_dim, reshape)
-    base.check_damping("tnt", damping)
-    safety.check_on_nonfinite("tnt", on_nonfinite)
-    # on_nonfinite="skip" is fused into the step (as in kfac.py): the state updates below are
-    # gated by `ok` inside the operations that make them, instead of a select over the whole
-    # state afterwards, a memory pass that cost about 16% of a TNT step on CPU.
-    fused = on_nonfinite == "skip"
+    opts = TNTOptions(
+        damping=damping,
+        ema_decay=ema_decay,
+        fisher=fisher,
+        stats_every=stats_every,
+        inverse_every=inverse_every,
+        damping_mode=damping_mode,
+        momentum=momentum,
+        reshape=reshape,
+        max_dim=max_dim,
+        fused=on_nonfinite == "skip",
+    )
+    check_options(opts, on_nonfinite)
 
     def init_fn(params):
-        leaves, treedef = jax.tree.flatten(params)
-        layouts = layouts_of(params, reshape, max_dim)
-        dtypes = [base.as_float(p.dtype) for p in leaves]
-        factors = [init_factors(lo, dt, "zeros") for lo, dt in zip(layouts, dtypes, strict=True)]
-        inverses = [init_factors(lo, dt, "eye") for lo, dt in zip(layouts, dtypes, strict=True)]
-        mom = ()
-        if momentum > 0:
-            mom = treedef.unflatten(
-                [jnp.zeros(p.shape, dt) for p, dt in zip(leaves, dtypes, strict=True)]
-            )
-        return ScaleByTNTState(
-            count=jnp.zeros([], jnp.int32),
-            nonfinite_count=jnp.zeros([], jnp.int32),
-            stats_count=jnp.zeros([], jnp.int32),
-            factors=treedef.unflatten(factors),
-            inverses=treedef.unflatten(inverses),
-            momentum=mom,
-        )
+        return init_state(params, opts)
 
     def update_fn(updates, state, params=None, *, sampled_grads=None, warm_start=False, **extra):
         del params, extra
-        if fisher == "true" and sampled_grads is None:
-            raise base.missing_extra_arg("tnt", base.SAMPLED_GRADS, _sampled_fix_line())
-        leaves, treedef = jax.tree.flatten(updates)
-        layouts = layouts_of(updates, reshape, max_dim)
-        factors = flatten_like(treedef, state.factors, "state.factors", "tnt")
-        inverses = flatten_like(treedef, state.inverses, "state.inverses", "tnt")
-        count = state.count
-
-        def source():
-            if fisher == "empirical":
-                return leaves
-            tree = sampled_grads() if callable(sampled_grads) else sampled_grads
-            return base.check_tree_like("tnt", base.SAMPLED_GRADS, tree, updates, "gradients")
-
-        grads_ok = linalg.is_finite(leaves) if fused else jnp.asarray(True)
-
-        def new_stats(operand):
-            old, n = operand
-            src = source()
-            ok = grads_ok
-            pairs = []
-            for g, lo, fac in zip(src, layouts, old, strict=True):
-                dt = fac[0].dtype
-                w = ema_weight(ema_decay, n, dt, warm_start)
-                cs, ds = mode_contractions(g.astype(dt), lo, with_diagonals=True)
-                pairs.append((w, cs))
-                if fused:
-                    for s_, dg in zip(fac, ds, strict=True):
-                        ok &= safety.ema_finite(w, s_, dg)
-            out = []
-            for (w, cs), fac in zip(pairs, old, strict=True):
-                out.append(
-                    tuple(
-                        jnp.where(ok, (1 - w) * s_ + w * c, s_)
-                        for s_, c in zip(fac, cs, strict=True)
-                    )
-                )
-            return out, jnp.where(ok, n + 1, n), ok
-
-        operand = (factors, state.stats_count)
-        if warm_start:
-            factors, n_stats, ok = new_stats(operand)
-            zeros = jax.tree.map(jnp.zeros_like, updates)
-            return zeros, state._replace(
-                factors=treedef.unflatten([tuple(f) for f in factors]),
-                stats_count=n_stats,
-                nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32),
-            )
-        do_stats = (count % stats_every) == 0
-        if stats_every == 1:
-            factors, n_stats, ok = new_stats(operand)
-        else:
-            factors, n_stats, ok = lax.cond(
-                do_stats, new_stats, lambda op: (*op, grads_ok), operand
-            )
-
-        damp = damping(count) if callable(damping) else damping
-        do_inv = ((count % inverse_every == 0) | ((count < inverse_every) & do_stats)) & ok
-        new_inv = []
-        # One cond per leaf carrying only that leaf's matrices: a single cond holding every
-        # LAPACK call was seen to deadlock XLA's CPU runtime (see kfac.py).
-        for lo, fac, inv in zip(layouts, factors, inverses, strict=True):
-            dt = fac[0].dtype
-
-            def refresh(ops, lo=lo, dt=dt):
-                fac, inv = ops
-                new = tnt_inverses(fac, lo, jnp.asarray(damp, dt), damping_mode)
-                return linalg.where_finite(new, inv)
-
-            if inverse_every == 1 and not fused:
-                new_inv.append(refresh((fac, inv)))
-            else:
-                new_inv.append(lax.cond(do_inv, refresh, lambda ops: ops[1], (fac, tuple(inv))))
-
-        mom_leaves = jax.tree.leaves(state.momentum) if momentum > 0 else None
-        out, new_mom = [], []
-        for i, (g, lo, inv) in enumerate(zip(leaves, layouts, new_inv, strict=True)):
-            x = g.astype(inv[0].dtype)
-            if momentum > 0:
-                x = momentum * mom_leaves[i] + x
-                new_mom.append(jnp.where(ok, x, mom_leaves[i]))
-            out.append(precondition(x, inv, lo).astype(g.dtype))
-        nonfinite = state.nonfinite_count
-        new_count = optax.safe_increment(count)
-        if fused:
-            out, new_count, nonfinite = safety.finish_skip(ok, out, count, nonfinite)
-        new_state = ScaleByTNTState(
-            count=new_count,
-            nonfinite_count=nonfinite,
-            stats_count=n_stats,
-            factors=treedef.unflatten([tuple(f) for f in factors]),
-            inverses=treedef.unflatten(new_inv),
-            momentum=treedef.unflatten(new_mom) if momentum > 0 else (),
-        )
-        return treedef.unflatten(out), new_state
+        return tnt_step(opts, updates, state, sampled_grads, warm_start)
 
     guarded = safety.guard_nonfinite(
-        update_fn, on_nonfinite, "tnt", (base.SAMPLED_GRADS,), init_fn=init_fn, fused=True
+        update_fn, on_nonfinite, "tnt", (extra_args.SAMPLED_GRADS,), init_fn=init_fn, fused=True
     )
-    return optax.GradientTransformationExtraArgs(init_fn, guarded)
-
-
-scale_by_tnt.__doc__ = scale_by_tnt.__doc__.replace("ON_NONFINITE", safety.ON_NONFINITE_DOC)
+    return optax.GradientTransformationExtraArgs(
+        init_fn, extra_args.announce(guarded, requirements(fisher))
+    )
 
 
 def tnt(
@@ -546,6 +463,7 @@ def tnt(
     *,
     weight_decay: jax.typing.ArrayLike = 0.0,
     weight_decay_mask: Any = None,
+    l2_reg: jax.typing.ArrayLike = 0.0,
     ema_decay: jax.typing.ArrayLike = 0.9,
     fisher: str = "true",
     stats_every: int = 1,
@@ -558,17 +476,20 @@ def tnt(
     max_dim: int | None = 4096,
     on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Tensor Normal Training with a learning rate and decoupled weight decay.
+    r"""Tensor Normal Training with a learning rate, decoupled weight decay and coupled L2.
 
-    ``chain(scale_by_tnt, add_decayed_weights, scale_by_learning_rate)``:
+    ``chain([add_decayed_weights(l2_reg)], scale_by_tnt, [add_decayed_weights(weight_decay,
+    weight_decay_mask)], scale_by_learning_rate)``:
 
     .. math::
 
-        θ \leftarrow θ - α\,(Δ + τ θ) = (1 - α τ)\, θ - α Δ,
+        θ \leftarrow θ - α\,\bigl(Δ(g + λ_2 θ) + τ θ\bigr),
 
     with ``α`` = ``learning_rate``, ``τ`` = ``weight_decay`` (decoupled: not preconditioned,
-    as in the authors' code) and ``Δ`` the TNT direction of :func:`scale_by_tnt`, whose
-    keyword arguments are accepted here. ``stats_every``, ``inverse_every``, ``momentum``,
+    as in the authors' code), ``λ₂`` = ``l2_reg`` (coupled: added to the gradient ``g`` before
+    it is preconditioned; default 0) and ``Δ(·)`` the TNT direction of :func:`scale_by_tnt`
+    (its statistics come from ``sampled_grads`` as given), whose keyword arguments are
+    accepted here. ``stats_every``, ``inverse_every``, ``momentum``,
     ``max_dim``, ``reshape``, ``fisher`` and ``damping_mode`` fix the state's structure or the
     Python control flow: list the numeric ones in ``static_args`` of
     ``optax.inject_hyperparams``. The authors' settings: autoencoders ``lr 1e-4, ε 0.1,
@@ -608,8 +529,11 @@ def tnt(
         max_dim=max_dim,
         on_nonfinite=on_nonfinite,
     )
-    parts = [inner]
-    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
-        parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return with_warm_start(optax.chain(*parts), inner, 0)
+    return alias.build(
+        "tnt",
+        inner,
+        learning_rate,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        l2_reg=l2_reg,
+    )
