@@ -104,11 +104,7 @@ class ShampooBlock(NamedTuple):
 
     def init(self, dtype: Any) -> tm.BlockInit:
         """Zero statistics ``L_i``, identity roots (diagonals above ``max_dim``)."""
-        return tm.BlockInit(
-            tm.init_factors(self.layout, dtype, "zeros"),
-            tm.init_factors(self.layout, dtype, "eye"),
-            self.layout.shape,
-        )
+        return tm.zero_stats_identity_roots(self.layout, dtype)
 
     def statistics(self, g: jax.Array, dtype: Any) -> tuple[jax.Array, ...]:
         """The contractions ``G_(i) G_(i)ᵀ`` of one gradient."""

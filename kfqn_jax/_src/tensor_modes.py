@@ -22,7 +22,7 @@ than ``max_dim`` keep only the diagonal of ``S_i`` (and of ``R_i``).
 
 Each method describes one parameter leaf as a *mode block* (a small static object with
 ``init`` / ``statistics`` / ``fold_ok`` / ``accumulate`` / ``refresh`` / ``precondition``,
-the per-block protocol of :mod:`kfqn_jax._src.curvature`); the loops over the leaves that every
+the per-block shape a shared curvature-block driver is planned to take); the loops over the leaves that every
 step runs (statistics on their schedule, refreshes one ``lax.cond`` per leaf, momentum and the
 mode products) are the functions at the end of this module.
 """
@@ -201,8 +201,16 @@ def trace_of(mat: jax.Array, full: bool) -> jax.Array:
 # ------------------------------------------------------------------------------------------------
 
 
+def zero_stats_identity_roots(layout: ModeLayout, dtype: Any) -> BlockInit:
+    """A leaf's block before any batch: zero statistics and identity inverses or roots
+    (diagonals for modes above ``max_dim``), and the leaf's shape for its momentum."""
+    return BlockInit(
+        init_factors(layout, dtype, "zeros"), init_factors(layout, dtype, "eye"), layout.shape
+    )
+
+
 class BlockInit(NamedTuple):
-    """The initial state of one leaf's block (as :class:`kfqn_jax._src.curvature.BlockInit`).
+    """The initial state of one leaf's block.
 
     Attributes:
       factors: per mode, the statistic before any batch (zeros).
@@ -216,7 +224,7 @@ class BlockInit(NamedTuple):
 
 
 class Moment(NamedTuple):
-    """One mode's statistic of one batch (as :class:`kfqn_jax._src.curvature.Moment`).
+    """One mode's statistic of one batch.
 
     Attributes:
       value: the contraction ``C_i`` (``(d_i, d_i)``, or the ``(d_i,)`` diagonal).

@@ -132,11 +132,7 @@ class TNTBlock(NamedTuple):
 
     def init(self, dtype: Any) -> tm.BlockInit:
         """Zero statistics ``S_i``, identity inverses ``P_i`` (diagonals above ``max_dim``)."""
-        return tm.BlockInit(
-            tm.init_factors(self.layout, dtype, "zeros"),
-            tm.init_factors(self.layout, dtype, "eye"),
-            self.layout.shape,
-        )
+        return tm.zero_stats_identity_roots(self.layout, dtype)
 
     def statistics(self, g: jax.Array, dtype: Any) -> tuple[tm.Moment, ...]:
         """The contractions ``Ḡ_(i) Ḡ_(i)ᵀ`` of one batch, with their diagonals."""

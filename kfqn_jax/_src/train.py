@@ -116,6 +116,25 @@ def _leading_rows(inputs: tuple, n: int) -> tuple:
     return tuple(jax.tree.map(lambda z: z[:n], x) for x in inputs)
 
 
+def _extra_args(plan, params, inputs, y, loss, out, apply, stats_at) -> dict:
+    """The extra arguments ``plan.needs`` asks for, from a capture ``out`` and the two
+    functions of the Flax API at hand: ``apply(params, inputs) -> outputs`` and
+    ``stats_at(params, inputs, targets, loss, with_outputs) -> layer statistics``."""
+    builders = {
+        extra_args.LAYER_STATS: lambda: out.stats,
+        extra_args.SAMPLED_GRADS: lambda: out.sampled_grads,
+        extra_args.STATS_FN: lambda: lambda p: stats_at(p, inputs, y, loss, plan.with_outputs),
+        extra_args.LOSS_FN: lambda: lambda p: loss(apply(p, inputs), y),
+        extra_args.MODEL_FN: lambda: lambda p: apply(p, inputs),
+        extra_args.OUTPUT_LOSS: lambda: loss,
+        extra_args.MODEL_OUTPUTS: lambda: out.aux["outputs"],
+        extra_args.PROBE_STATS_FN: lambda: lambda v: stats_at(
+            params, _leading_rows(inputs, v.shape[0]), v, OutputProbe(), False
+        ),
+    }
+    return {name: builders[name]() for name in plan.needs}
+
+
 def _linen_extra_args(plan, model, params, inputs, y, loss, out, extra, mutable, method, kwargs):
     """The extra arguments ``plan.needs`` asks for, built from a linen capture."""
 
@@ -131,19 +150,7 @@ def _linen_extra_args(plan, model, params, inputs, y, loss, out, extra, mutable,
             extra_variables=extra, mutable=mutable, method=method, **kwargs,
         )  # fmt: skip
 
-    builders = {
-        extra_args.LAYER_STATS: lambda: out.stats,
-        extra_args.SAMPLED_GRADS: lambda: out.sampled_grads,
-        extra_args.STATS_FN: lambda: lambda p: stats_at(p, inputs, y, loss, plan.with_outputs),
-        extra_args.LOSS_FN: lambda: lambda p: loss(apply(p, inputs), y),
-        extra_args.MODEL_FN: lambda: lambda p: apply(p, inputs),
-        extra_args.OUTPUT_LOSS: lambda: loss,
-        extra_args.MODEL_OUTPUTS: lambda: out.aux["outputs"],
-        extra_args.PROBE_STATS_FN: lambda: lambda v: stats_at(
-            params, _leading_rows(inputs, v.shape[0]), v, OutputProbe(), False
-        ),
-    }
-    return {name: builders[name]() for name in plan.needs}
+    return _extra_args(plan, params, inputs, y, loss, out, apply, stats_at)
 
 
 def make_train_step(
@@ -259,19 +266,7 @@ def _nnx_extra_args(plan, model, params, inputs, y, loss, out, wrt, call):
             call=call,
         )  # fmt: skip
 
-    builders = {
-        extra_args.LAYER_STATS: lambda: out.stats,
-        extra_args.SAMPLED_GRADS: lambda: out.sampled_grads,
-        extra_args.STATS_FN: lambda: lambda p: stats_at(p, inputs, y, loss, plan.with_outputs),
-        extra_args.LOSS_FN: lambda: lambda p: loss(apply(p, inputs), y),
-        extra_args.MODEL_FN: lambda: lambda p: apply(p, inputs),
-        extra_args.OUTPUT_LOSS: lambda: loss,
-        extra_args.MODEL_OUTPUTS: lambda: out.aux["outputs"],
-        extra_args.PROBE_STATS_FN: lambda: lambda v: stats_at(
-            params, _leading_rows(inputs, v.shape[0]), v, OutputProbe(), False
-        ),
-    }
-    return {name: builders[name]() for name in plan.needs}
+    return _extra_args(plan, params, inputs, y, loss, out, apply, stats_at)
 
 
 def make_nnx_train_step(
